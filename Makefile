@@ -1,0 +1,35 @@
+# make test: set up .venv from nothing and run the test suite.
+# make run:  set up .venv from nothing and run the main job (the DVC pipeline on the default data).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test run lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check gattn pipelines tests benchmarks
+	$(BIN)/python -m pytest -q
+
+run: $(STAMP)
+	test -d .git || git init -q
+	test -d .dvc || $(BIN)/dvc init -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+lint: $(STAMP)
+	$(BIN)/ruff check gattn pipelines tests benchmarks
+	$(BIN)/ruff format --check gattn pipelines tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/modules.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
