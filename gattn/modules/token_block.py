@@ -62,7 +62,9 @@ class TokenMixerBlock(nn.Module):
         self.layout = layout
         self.norm = norm_layer(channels)
         self.mixer = mixer
-        self.ls = LayerScale(channels, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls = (
+            LayerScale(channels, ls_init_value) if ls_init_value is not None else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -1,0 +1,57 @@
+"""Data layer: the generated global-context benchmark, folder data sets and training views."""
+
+from gattn.data.cue_seg import CUE_PALETTE, CueSegConfig, cue_seg_sample
+from gattn.data.datasets import (
+    IGNORE_INDEX,
+    IMG_EXTENSIONS,
+    DataLayoutError,
+    ImageFolderDataset,
+    SegmentationFolderDataset,
+    SyntheticDataset,
+)
+from gattn.data.pathfinder import PathfinderConfig, pathfinder_sample, render_paths
+from gattn.data.synthetic import (
+    TASKS,
+    ManifestError,
+    generate,
+    make_config,
+    read_manifest,
+    synthetic_sample,
+    verify_manifest,
+)
+from gattn.data.views import (
+    MultiCropViews,
+    MultiScaleViews,
+    mae_view,
+    seg_eval_transform,
+    seg_train_transform,
+    to_float,
+)
+
+__all__ = [
+    "CUE_PALETTE",
+    "IGNORE_INDEX",
+    "IMG_EXTENSIONS",
+    "TASKS",
+    "CueSegConfig",
+    "DataLayoutError",
+    "ImageFolderDataset",
+    "ManifestError",
+    "MultiCropViews",
+    "MultiScaleViews",
+    "PathfinderConfig",
+    "SegmentationFolderDataset",
+    "SyntheticDataset",
+    "cue_seg_sample",
+    "generate",
+    "mae_view",
+    "make_config",
+    "pathfinder_sample",
+    "read_manifest",
+    "render_paths",
+    "seg_eval_transform",
+    "seg_train_transform",
+    "synthetic_sample",
+    "to_float",
+    "verify_manifest",
+]

@@ -1,0 +1,330 @@
+"""Image data sets on disk: ImageFolder classification, images/ + masks/ segmentation, and the
+generated benchmark (:mod:`gattn.data.synthetic`).
+
+Bad files never stop training. At index time every image (and mask) is opened and checked with
+PIL's cheap ``verify()``; at load time a file that still fails to decode, or a mask with the wrong
+size or out-of-range values, is replaced by the next good sample. Both cases warn with the file
+name and are recorded in ``dataset.skipped`` as ``(path, reason)``. (Load-time skips inside
+DataLoader worker processes are recorded in that worker's copy of the data set; the index-time
+check is what a data report counts.) A missing, empty or mis-laid folder is a
+:class:`DataLayoutError` that shows the expected layout.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from gattn.data.synthetic import read_manifest
+from gattn.data.views import to_float
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMG_EXTENSIONS",
+    "DataLayoutError",
+    "ImageFolderDataset",
+    "SegmentationFolderDataset",
+    "SyntheticDataset",
+]
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IGNORE_INDEX = 255
+_LOAD_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+CLS_LAYOUT = """root/
+  class_a/
+    img_001.png
+    img_002.jpg
+  class_b/
+    img_003.png"""
+SEG_LAYOUT = """root/
+  images/
+    scene_001.png
+    scene_002.jpg
+  masks/
+    scene_001.png   (same stem; one channel, values = class ids, 255 = ignore)
+    scene_002.png"""
+
+
+class DataLayoutError(ValueError):
+    """A data folder is missing, empty or not laid out as expected."""
+
+    def __init__(self, problem: str, layout: str) -> None:
+        super().__init__(f"{problem}\nExpected layout:\n{layout}")
+
+
+def _is_image(path: Path) -> bool:
+    return (
+        path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+    )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
+def _check_dir(root: Path, layout: str) -> None:
+    if not root.is_dir():
+        raise DataLayoutError(f"{root} does not exist or is not a folder", layout)
+
+
+class _ImageDataset(Dataset):
+    """Shared indexing, checking and fault-tolerant loading of (image, target) samples.
+
+    Args:
+        samples: ``(image path, class index)`` for ``task="cls"`` or ``(image path, mask path)``
+            for ``task="seg"``.
+        task: ``"cls"`` or ``"seg"``.
+        num_classes: number of classes (masks must hold values below it or ``ignore_index``).
+        transform: applied to the image (cls) or jointly to ``(image, mask)`` (seg), both given
+            as ``tv_tensors`` uint8; default: image to float in [0, 1].
+        check: ``"verify"`` (PIL verify, cheap), ``"decode"`` (full decode) or ``"none"``.
+        mode: PIL mode images are converted to (``"RGB"`` or ``"L"``).
+        ignore_index: mask value excluded from the loss.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, Any]],
+        *,
+        task: Literal["cls", "seg"],
+        num_classes: int,
+        transform: Callable | None,
+        check: Literal["verify", "decode", "none"],
+        mode: str,
+        ignore_index: int,
+        layout: str,
+    ) -> None:
+        if check not in ("verify", "decode", "none"):
+            raise ValueError(f"check={check!r} is invalid, expected 'verify', 'decode' or 'none'")
+        self.task, self.num_classes, self.mode = task, num_classes, mode
+        self.ignore_index = ignore_index
+        self.transform = transform if transform is not None else to_float()
+        self.skipped: list[tuple[str, str]] = []
+        self._bad: set[int] = set()
+        self.samples = [s for s in samples if self._index_ok(s, check)]
+        if not self.samples:
+            raise DataLayoutError(f"no readable image among {len(samples)} file(s)", layout)
+
+    def _skip(self, path: Path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+        warnings.warn(f"skipping unreadable sample {path}: {reason}", stacklevel=3)
+
+    def _index_ok(self, sample: tuple[Path, Any], check: str) -> bool:
+        if check == "none":
+            return True
+        paths = [sample[0], sample[1]] if self.task == "seg" else [sample[0]]
+        try:
+            sizes = []
+            for path in paths:
+                with Image.open(path) as im:
+                    sizes.append(im.size)
+                    im.verify() if check == "verify" else im.load()
+            if self.task == "seg" and sizes[0] != sizes[1]:
+                raise ValueError(f"mask size {sizes[1]} != image size {sizes[0]}")
+        except _LOAD_ERRORS as err:
+            self._skip(sample[0], f"{type(err).__name__}: {err}")
+            return False
+        return True
+
+    def _load_mask(self, path: Path, size: tuple[int, int]) -> np.ndarray:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"mask mode {im.mode} is not single-channel")
+            if im.size != size:
+                raise ValueError(f"mask size {im.size} != image size {size}")
+            mask = np.asarray(im)
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bad.any():
+            raise ValueError(
+                f"mask values {np.unique(mask[bad])[:5].tolist()} are not < num_classes="
+                f"{self.num_classes} nor ignore_index={self.ignore_index}"
+            )
+        return mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.int64)
+
+    def _load(self, sample: tuple[Path, Any]) -> tuple[tv_tensors.Image, Any]:
+        with Image.open(sample[0]) as im:
+            image = np.asarray(im.convert(self.mode))
+        image = tv_tensors.Image(
+            torch.from_numpy(image.copy()).reshape(*image.shape[:2], -1).permute(2, 0, 1)
+        )
+        if self.task == "cls":
+            return image, int(sample[1])
+        mask = self._load_mask(sample[1], (image.shape[-1], image.shape[-2]))
+        return image, tv_tensors.Mask(torch.from_numpy(mask))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        n = len(self.samples)
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad:
+                continue
+            try:
+                image, target = self._load(self.samples[i])
+                break
+            except _LOAD_ERRORS as err:
+                self._bad.add(i)
+                self._skip(self.samples[i][0], f"{type(err).__name__}: {err}")
+        else:
+            raise RuntimeError(f"all {n} samples failed to load; see dataset.skipped")
+        if self.task == "cls":
+            return self.transform(image), target
+        image, mask = self.transform(image, target)
+        return image, mask.as_subclass(torch.Tensor).long()
+
+
+class ImageFolderDataset(_ImageDataset):
+    """Classification data in ImageFolder layout: one sub-folder per class (sorted names).
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        transform: applied to each ``tv_tensors.Image`` (uint8, C x H x W).
+        check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
+        mode: PIL mode images are converted to.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        check: Literal["verify", "decode", "none"] = "verify",
+        mode: str = "RGB",
+    ) -> None:
+        self.root = Path(root)
+        _check_dir(self.root, CLS_LAYOUT)
+        self.classes = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        if not self.classes:
+            loose = len(_images_in(self.root))
+            found = f"{loose} image(s) directly in it" if loose else "nothing usable"
+            raise DataLayoutError(f"{self.root} has no class sub-folders ({found})", CLS_LAYOUT)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        samples = [(p, i) for c, i in self.class_to_idx.items() for p in _images_in(self.root / c)]
+        counts = Counter(i for _, i in samples)
+        empty = [c for c, i in self.class_to_idx.items() if not counts[i]]
+        if empty:
+            raise DataLayoutError(
+                f"{self.root}: class folder(s) without images: {empty}", CLS_LAYOUT
+            )
+        super().__init__(
+            samples,
+            task="cls",
+            num_classes=len(self.classes),
+            transform=transform,
+            check=check,
+            mode=mode,
+            ignore_index=IGNORE_INDEX,
+            layout=CLS_LAYOUT,
+        )
+        self.targets = [s[1] for s in self.samples]
+
+
+class SegmentationFolderDataset(_ImageDataset):
+    """Segmentation data as ``root/images/*`` + ``root/masks/*`` paired by file stem.
+
+    Args:
+        root: the folder holding ``images/`` and ``masks/``.
+        num_classes: number of classes; mask values must be below it or ``ignore_index``.
+        transform: joint transform called as ``transform(image, mask)`` on ``tv_tensors``.
+        check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
+        mode: PIL mode images are converted to.
+        ignore_index: mask value excluded from the loss.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        num_classes: int,
+        transform: Callable | None = None,
+        check: Literal["verify", "decode", "none"] = "verify",
+        mode: str = "RGB",
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.root = Path(root)
+        _check_dir(self.root, SEG_LAYOUT)
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r} is invalid, expected >= 1")
+        missing = [d for d in ("images", "masks") if not (self.root / d).is_dir()]
+        if missing:
+            raise DataLayoutError(f"{self.root} lacks the folder(s) {missing}", SEG_LAYOUT)
+        images = {p.stem: p for p in _images_in(self.root / "images")}
+        masks = {p.stem: p for p in _images_in(self.root / "masks")}
+        if not images:
+            raise DataLayoutError(f"{self.root / 'images'} holds no images", SEG_LAYOUT)
+        no_mask, no_image = sorted(images.keys() - masks), sorted(masks.keys() - images)
+        if no_mask or no_image:
+            raise DataLayoutError(
+                f"{self.root}: names do not match: {len(no_mask)} image(s) without a mask "
+                f"{no_mask[:5]}, {len(no_image)} mask(s) without an image {no_image[:5]}",
+                SEG_LAYOUT,
+            )
+        samples = [(images[k], masks[k]) for k in sorted(images)]
+        super().__init__(
+            samples,
+            task="seg",
+            num_classes=num_classes,
+            transform=transform,
+            check=check,
+            mode=mode,
+            ignore_index=ignore_index,
+            layout=SEG_LAYOUT,
+        )
+
+
+class SyntheticDataset(_ImageDataset):
+    """A data set written by :func:`gattn.data.synthetic.generate`, read from its manifest.
+
+    Args:
+        root: the generated folder (holding ``manifest.json``).
+        indices: sample indices to keep (e.g. one split); default all.
+        transform: image transform (pathfinder) or joint transform (cue-seg).
+        check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
+        mode: PIL mode images are converted to.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        indices: Sequence[int] | None = None,
+        transform: Callable | None = None,
+        check: Literal["verify", "decode", "none"] = "verify",
+        mode: str = "RGB",
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.classes: list[str] = list(self.manifest["class_names"])
+        records = self.manifest["samples"]
+        chosen = range(len(records)) if indices is None else indices
+        key = "mask" if self.manifest["kind"] == "seg" else "label"
+        samples = [
+            (
+                self.root / records[i]["image"],
+                self.root / records[i][key] if key == "mask" else records[i][key],
+            )
+            for i in chosen
+        ]
+        layout = "a folder written by gattn.data.synthetic.generate (manifest.json + images/)"
+        super().__init__(
+            samples,
+            task=self.manifest["kind"],
+            num_classes=len(self.classes),
+            transform=transform,
+            check=check,
+            mode=mode,
+            ignore_index=IGNORE_INDEX,
+            layout=layout,
+        )

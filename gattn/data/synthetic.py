@@ -1,0 +1,230 @@
+"""Generated global-context benchmark: deterministic by seed, written as PNG + manifest.
+
+Two tasks that a model with only local context cannot solve:
+
+- ``cue-seg`` (segmentation, :mod:`gattn.data.cue_seg`): one coloured cue names every shape.
+- ``pathfinder`` (classification, :mod:`gattn.data.pathfinder`; Linsley et al., NeurIPS 2018;
+  Tay et al., "Long Range Arena", ICLR 2021): are the two markers joined by one path.
+
+Sample ``i`` of seed ``s`` is drawn from its own ``numpy.random.Generator`` seeded with
+``(s, i)``, so any sample can be regenerated alone (:func:`synthetic_sample`) and the order of
+generation does not matter. Pathfinder labels come in pairs ``(2p, 2p + 1)`` with one positive
+each, so a data set is balanced 50/50 (exactly, for even ``n``).
+
+On disk (``generate``)::
+
+    out_dir/
+      images/000000.png ...     RGB (cue-seg) or greyscale (pathfinder) images
+      masks/000000.png ...      cue-seg only: uint8 class ids (0 = background)
+      labels.csv                pathfinder only: ``image,label``
+      manifest.json             task, seed, config, classes, samples, sha256 of every file
+
+Every file is written to a temporary name and moved into place with ``os.replace``; the manifest
+is written last, so its presence means the data set is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gattn.data.cue_seg import CueSegConfig, cue_seg_sample
+from gattn.data.pathfinder import PathfinderConfig, pathfinder_sample
+
+__all__ = [
+    "MANIFEST",
+    "TASKS",
+    "ManifestError",
+    "generate",
+    "make_config",
+    "synthetic_sample",
+    "verify_manifest",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = "gattn.synthetic/1"
+TASKS: dict[str, str] = {"cue-seg": "seg", "pathfinder": "cls"}  # task -> kind
+_CONFIGS = {"cue-seg": CueSegConfig, "pathfinder": PathfinderConfig}
+
+
+class ManifestError(ValueError):
+    """A generated data set is missing, incomplete or does not match its manifest."""
+
+
+def make_config(task: str, image_size: int = 64, **kw: Any) -> CueSegConfig | PathfinderConfig:
+    """The validated generator config of ``task``; an unknown task or key is a ValueError."""
+    if task not in _CONFIGS:
+        raise ValueError(f"unknown synthetic task {task!r}; available: {sorted(_CONFIGS)}")
+    cls = _CONFIGS[task]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kw) - names)
+    if unknown:
+        raise ValueError(f"{task}: unknown option(s) {unknown}; valid options: {sorted(names)}")
+    return cls(image_size=image_size, **kw)
+
+
+def _pair_label(seed: int, index: int) -> int:
+    """Label of pathfinder sample ``index``: exactly one positive per pair (2p, 2p + 1)."""
+    flip = int(np.random.default_rng([seed, 1, index // 2]).integers(2))
+    return (index % 2) ^ flip
+
+
+def synthetic_sample(
+    task: str, index: int, seed: int = 0, image_size: int = 64, **kw: Any
+) -> tuple[np.ndarray, np.ndarray | int, dict]:
+    """Regenerate sample ``index`` of (``task``, ``seed``) alone.
+
+    Returns:
+        ``(image, target, meta)``: a uint8 image, a uint8 mask (cue-seg) or an int label
+        (pathfinder), and what the generator knows about the sample.
+    """
+    cfg = make_config(task, image_size, **kw)
+    return _sample(task, cfg, seed, index)
+
+
+def _sample(task: str, cfg: Any, seed: int, index: int) -> tuple[np.ndarray, Any, dict]:
+    if index < 0 or seed < 0:
+        raise ValueError(f"index={index} and seed={seed} must be >= 0")
+    rng = np.random.default_rng([seed, 0, index])
+    if task == "cue-seg":
+        return cue_seg_sample(cfg, rng)
+    return pathfinder_sample(cfg, rng, _pair_label(seed, index))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return sha256_bytes(Path(path).read_bytes())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate(
+    task: str,
+    out_dir: str | os.PathLike,
+    n: int,
+    image_size: int = 64,
+    seed: int = 0,
+    **kw: Any,
+) -> dict[str, Any]:
+    """Generate ``n`` samples of ``task`` into ``out_dir`` and return the manifest.
+
+    Args:
+        task: ``"cue-seg"`` or ``"pathfinder"``.
+        out_dir: destination folder (created; files of an earlier run are overwritten).
+        n: number of samples.
+        image_size: image side in pixels.
+        seed: data set seed; same seed and options give the same bytes.
+        **kw: the task's config fields (:class:`CueSegConfig`, :class:`PathfinderConfig`).
+    """
+    cfg = make_config(task, image_size, **kw)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is invalid, expected an int >= 1")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is invalid, expected an int >= 0")
+    kind = TASKS[task]
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if kind == "seg":
+        (root / "masks").mkdir(exist_ok=True)
+    width = max(6, len(str(n - 1)))
+    files: dict[str, str] = {}
+    samples: list[dict[str, Any]] = []
+
+    def put(rel: str, data: bytes) -> None:
+        atomic_write(root / rel, data)
+        files[rel] = sha256_bytes(data)
+
+    for i in range(n):
+        image, target, meta = _sample(task, cfg, seed, i)
+        record: dict[str, Any] = {"image": f"images/{i:0{width}d}.png"}
+        put(record["image"], _png(image))
+        if kind == "seg":
+            record["mask"] = f"masks/{i:0{width}d}.png"
+            put(record["mask"], _png(target))
+        else:
+            record["label"] = int(target)
+        samples.append({**record, "meta": meta})
+    if kind == "cls":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image", "label"])
+        writer.writerows([s["image"], s["label"]] for s in samples)
+        put("labels.csv", buf.getvalue().encode())
+    manifest = {
+        "format": FORMAT,
+        "task": task,
+        "kind": kind,
+        "seed": seed,
+        "n": n,
+        "image_size": image_size,
+        "config": dataclasses.asdict(cfg),
+        "num_classes": cfg.num_classes,
+        "class_names": cfg.class_names,
+        "samples": samples,
+        "files": files,
+    }
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Load ``root/manifest.json`` (a ManifestError if it is missing or not one of ours)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: generate the data set first (gattn prepare)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is unreadable: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Check every file of a generated data set against its sha256; return the manifest.
+
+    Raises:
+        ManifestError: the manifest is missing, or files are missing or differ (named).
+    """
+    manifest = read_manifest(root)
+    missing, changed = [], []
+    for rel, digest in manifest["files"].items():
+        path = Path(root) / rel
+        if not path.is_file():
+            missing.append(rel)
+        elif sha256_file(path) != digest:
+            changed.append(rel)
+    if missing or changed:
+        raise ManifestError(
+            f"{root}: {len(missing)} missing file(s) {missing[:5]}, "
+            f"{len(changed)} changed file(s) {changed[:5]} (regenerate the data set)"
+        )
+    return manifest

@@ -1,0 +1,176 @@
+"""The source article's recipes as timm models: ``timm.create_model("gattn_...")``.
+
+Importing :mod:`gattn.models` registers them. Every recipe is a plain timm model (or its
+``features_only`` version) with registry blocks injected by :func:`~gattn.models.inject`, so
+``forward``, ``forward_features``, ``features_only=True``, ``num_classes``, ``in_chans`` and
+the family's own keyword arguments work as usual. Defaults are small (64-pixel inputs) so they
+train on a CPU; pass the usual timm arguments (``img_size``, ``embed_dim``, ``depths``, ...)
+to scale them up. No pretrained weights exist: ``pretrained=True`` is an error (pretrain them
+with this project's ``gattn pretrain`` instead).
+
+* ``gattn_local_cnn``: the local baseline, a 19-pixel receptive field
+  (:class:`~gattn.models.local_cnn.LocalCNN`).
+* ``gattn_resnet_global`` / ``gattn_resnet_global_tiny``: recipe 1, a global-enhanced CNN: a
+  ResNet-18 with a non-local block (Wang et al. 2018, "Non-local Neural Networks") after
+  ``layer3`` (two thirds of the depth), a pyramid pooling module (Zhao et al. 2017, PSPNet)
+  and squeeze-excitation (Hu et al. 2018) after ``layer4``.
+* ``gattn_swin_global_tokens``: recipe 2, Swin (Liu et al. 2021) with learned global tokens
+  after every stage, each stage with its own tokens at its own width (the article reused one
+  set of ``embed_dim``-wide tokens for stages of different widths).
+* ``gattn_vit_global``: recipe 3's encoder, a plain ViT (Dosovitskiy et al. 2021) whose every
+  block is global self-attention, ready for MAE (He et al. 2022): no class token by default
+  (average pooling), and ``model.patch_embed.patch_size`` / ``model.patch_embed.grid_size``
+  give the patch grid to mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    register_model,
+)
+from torch import nn
+
+from .inject import Spec, inject
+from .local_cnn import DEFAULT_WIDTHS, LocalCNN
+
+DEFAULT_IMG_SIZE = 64
+
+RESNET_GLOBAL_SPEC = "nonlocal@3,ppm@4,se@4"
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+_RESNET_CFG = {"first_conv": "conv1", "classifier": "fc"}
+_PATCH_CFG = {"first_conv": "patch_embed.proj", "fixed_input_size": True}
+
+# Read by timm's ``register_model`` at decoration time, so it precedes the entrypoints.
+default_cfgs = generate_default_cfgs(
+    {
+        "gattn_local_cnn": _cfg(first_conv="stages.0.0.conv", classifier="head.fc"),
+        "gattn_resnet_global": _cfg(**_RESNET_CFG),
+        "gattn_resnet_global_tiny": _cfg(**_RESNET_CFG),
+        "gattn_swin_global_tokens": _cfg(classifier="head.fc", **_PATCH_CFG),
+        "gattn_vit_global": _cfg(classifier="head", **_PATCH_CFG),
+    }
+)
+
+
+def _model_args(name: str, pretrained: bool, kwargs: dict[str, Any], takes_img_size: bool) -> dict:
+    """The recipe's timm arguments, with its own pretrained config at the requested size."""
+    if pretrained:
+        raise ValueError(
+            f"{name} has no pretrained weights; create it with pretrained=False "
+            "(and pretrain it with `gattn pretrain`)"
+        )
+    args = dict(kwargs)
+    img_size = args["img_size"] if takes_img_size else args.pop("img_size", DEFAULT_IMG_SIZE)
+    in_chans = args.get("in_chans", 3)
+    args["pretrained_cfg"] = args.get("pretrained_cfg") or get_pretrained_cfg(name)
+    args["pretrained_cfg_overlay"] = {
+        "architecture": name,
+        "input_size": (in_chans, *to_2tuple(img_size)),
+        **(args.get("pretrained_cfg_overlay") or {}),
+    }
+    return args
+
+
+def _create(name: str, base: str, pretrained: bool, spec: Spec, **kwargs: Any) -> nn.Module:
+    takes_img_size = "img_size" in kwargs
+    model = timm.create_model(base, **_model_args(name, pretrained, kwargs, takes_img_size))
+    return inject(model, spec)
+
+
+@register_model
+def gattn_local_cnn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The local baseline: two stages of two 3x3 convs, stride 4, receptive field 19 px."""
+    args = _model_args("gattn_local_cnn", pretrained, kwargs, takes_img_size=False)
+    num_stages = len(args.get("widths", DEFAULT_WIDTHS))
+    return build_model_with_cfg(
+        LocalCNN,
+        "gattn_local_cnn",
+        pretrained=False,
+        feature_cfg={"flatten_sequential": True, "out_indices": tuple(range(num_stages))},
+        **args,
+    )
+
+
+@register_model
+def gattn_resnet_global(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Recipe 1: ResNet-18 + non-local after ``layer3`` + PPM and SE after ``layer4``."""
+    return _create("gattn_resnet_global", "resnet18", pretrained, RESNET_GLOBAL_SPEC, **kwargs)
+
+
+@register_model
+def gattn_resnet_global_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Recipe 1 at CPU size: one basic block per stage, widths 16-128."""
+    args = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16, **kwargs}
+    return _create("gattn_resnet_global_tiny", "resnet18", pretrained, RESNET_GLOBAL_SPEC, **args)
+
+
+@register_model
+def gattn_swin_global_tokens(
+    pretrained: bool = False, num_global_tokens: int = 4, **kwargs: Any
+) -> nn.Module:
+    """Recipe 2: Swin with ``num_global_tokens`` global tokens after every stage.
+
+    Each stage gets its own :class:`~gattn.modules.global_tokens.GlobalTokenAttention` at the
+    stage's width, windowed like the stage (``window_size``).
+    """
+    args = {
+        "img_size": DEFAULT_IMG_SIZE,
+        "patch_size": 4,
+        "window_size": 4,
+        "embed_dim": 32,
+        "depths": (2, 2, 2, 2),
+        "num_heads": (1, 2, 4, 8),
+        **kwargs,
+    }
+    spec = [
+        {
+            "block": "global_tokens",
+            "stage": stage,
+            "window_size": args["window_size"],
+            "num_global_tokens": num_global_tokens,
+        }
+        for stage in range(1, len(args["depths"]) + 1)
+    ]
+    return _create(
+        "gattn_swin_global_tokens", "swin_tiny_patch4_window7_224", pretrained, spec, **args
+    )
+
+
+@register_model
+def gattn_vit_global(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Recipe 3's encoder: a small ViT, global attention in every block, MAE-ready."""
+    args = {
+        "img_size": DEFAULT_IMG_SIZE,
+        "patch_size": 8,
+        "embed_dim": 96,
+        "depth": 4,
+        "num_heads": 3,
+        "class_token": False,
+        "global_pool": "avg",
+        **kwargs,
+    }
+    return _create("gattn_vit_global", "vit_tiny_patch16_224", pretrained, None, **args)
