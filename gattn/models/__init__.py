@@ -2,22 +2,39 @@
 (registered with timm as ``gattn_*``), segmentation heads and :func:`build_model`."""
 
 from . import recipes  # noqa: F401  (registers the gattn_* timm models)
+from .build import (
+    TASKS,
+    build_classifier,
+    build_model,
+    build_segmenter,
+    config_keys,
+    create_backbone,
+)
 from .heads import HEADS, ASPPHead, DecodeHead, FCNHead, NLHead, PSPHead
 from .inject import Injection, inject, parse_spec
 from .local_cnn import LocalCNN, receptive_field
-from .stages import InjectedStage, StageInfo, model_stages
+from .segmenter import Segmenter
+from .stages import InjectedStage, LayoutAdapter, StageInfo, model_stages
 
 __all__ = [
     "HEADS",
+    "TASKS",
     "ASPPHead",
     "DecodeHead",
     "FCNHead",
     "InjectedStage",
     "Injection",
+    "LayoutAdapter",
     "LocalCNN",
     "NLHead",
     "PSPHead",
+    "Segmenter",
     "StageInfo",
+    "build_classifier",
+    "build_model",
+    "build_segmenter",
+    "config_keys",
+    "create_backbone",
     "inject",
     "model_stages",
     "parse_spec",

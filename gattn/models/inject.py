@@ -12,7 +12,8 @@ A spec names a block of :func:`gattn.modules.available` and a 1-based stage (see
     inject(model, [{"block": "nonlocal", "stage": 3, "sub_sample": 2}])
 
 Blocks injected at the same stage run in the order given. The stage is replaced by an
-:class:`~gattn.models.stages.InjectedStage` that holds the original stage and the blocks, so
+:class:`~gattn.models.stages.InjectedStage` that holds the original stage (``.stage``) and the
+blocks (``.injected``, a :class:`~gattn.models.stages.LayoutAdapter`), so
 the blocks are part of ``parameters()``, ``state_dict()`` and ``train()``/``eval()``, and
 ``forward``, ``forward_features`` and ``features_only`` models keep working.
 """
@@ -27,7 +28,7 @@ from torch import nn
 
 from gattn.modules._registry import available, create
 
-from .stages import InjectedStage, StageInfo, model_stages
+from .stages import InjectedStage, LayoutAdapter, StageInfo, model_stages
 
 SpecItem = str | Mapping[str, Any]
 Spec = str | Sequence[SpecItem] | None
@@ -115,7 +116,8 @@ def _wrapper(model: nn.Module, stage: StageInfo) -> InjectedStage:
     module = model.get_submodule(stage.path)
     if isinstance(module, InjectedStage):
         return module
-    wrapper = InjectedStage(module, stage.layout, stage.num_prefix_tokens, stage.grid_size)
+    adapter = LayoutAdapter(stage.layout, stage.num_prefix_tokens, stage.grid_size)
+    wrapper = InjectedStage(module, adapter)
     wrapper.train(module.training)
     model.set_submodule(stage.path, wrapper)
     return wrapper
@@ -130,7 +132,8 @@ def inject(model: nn.Module, spec: Spec) -> nn.Module:
         spec: See :func:`parse_spec`. Each block is built with the channel count of its stage.
 
     Returns:
-        ``model`` itself, for chaining.
+        ``model`` itself, for chaining. The blocks are on the device and dtype of their stage's
+        parameters and in the model's training mode.
 
     Raises:
         ValueError: invalid spec (see :func:`parse_spec`).
@@ -142,9 +145,16 @@ def inject(model: nn.Module, spec: Spec) -> nn.Module:
         injections = parse_spec(spec, num_stages=len(stages))
     except ValueError as err:
         raise ValueError(f"{err} [{type(model).__name__} stages: {names}]") from None
-    for inj in injections:
-        stage = stages[inj.stage - 1]
-        block = create(inj.block, stage.channels, **inj.kwargs)
+    # Build every block before touching the model, so a bad option leaves it unchanged.
+    blocks = [
+        (stages[i.stage - 1], create(i.block, stages[i.stage - 1].channels, **i.kwargs))
+        for i in injections
+    ]
+    for stage, block in blocks:
+        wrapper = _wrapper(model, stage)
+        like = next(wrapper.stage.parameters(), None)
+        if like is not None:
+            block.to(device=like.device, dtype=like.dtype)
         block.train(model.training)
-        _wrapper(model, stage).append(block)
+        wrapper.injected.append(block)
     return model

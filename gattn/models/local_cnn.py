@@ -75,7 +75,8 @@ class LocalCNN(nn.Module):
     ) -> None:
         super().__init__()
         if not widths or convs_per_stage < 1:
-            raise ValueError(f"need widths and convs_per_stage >= 1, got {widths}, {convs_per_stage}")
+            msg = "need non-empty widths and convs_per_stage >= 1"
+            raise ValueError(f"{msg}, got {widths=}, {convs_per_stage=}")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         stages, self.feature_info, prev = [], [], in_chans

@@ -38,6 +38,12 @@ from timm.models import (
 )
 from torch import nn
 
+# The blocks the recipes inject, registered on import.
+import gattn.modules.global_tokens  # noqa: F401
+import gattn.modules.non_local  # noqa: F401
+import gattn.modules.pyramid_pooling  # noqa: F401
+import gattn.modules.squeeze_excite  # noqa: F401
+
 from .inject import Spec, inject
 from .local_cnn import DEFAULT_WIDTHS, LocalCNN
 
@@ -95,8 +101,9 @@ def _model_args(name: str, pretrained: bool, kwargs: dict[str, Any], takes_img_s
     return args
 
 
-def _create(name: str, base: str, pretrained: bool, spec: Spec, **kwargs: Any) -> nn.Module:
-    takes_img_size = "img_size" in kwargs
+def _create(
+    name: str, base: str, pretrained: bool, spec: Spec, takes_img_size: bool, **kwargs: Any
+) -> nn.Module:
     model = timm.create_model(base, **_model_args(name, pretrained, kwargs, takes_img_size))
     return inject(model, spec)
 
@@ -118,14 +125,28 @@ def gattn_local_cnn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 @register_model
 def gattn_resnet_global(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Recipe 1: ResNet-18 + non-local after ``layer3`` + PPM and SE after ``layer4``."""
-    return _create("gattn_resnet_global", "resnet18", pretrained, RESNET_GLOBAL_SPEC, **kwargs)
+    return _create(
+        "gattn_resnet_global",
+        "resnet18",
+        pretrained,
+        RESNET_GLOBAL_SPEC,
+        takes_img_size=False,
+        **kwargs,
+    )
 
 
 @register_model
 def gattn_resnet_global_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Recipe 1 at CPU size: one basic block per stage, widths 16-128."""
-    args = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16, **kwargs}
-    return _create("gattn_resnet_global_tiny", "resnet18", pretrained, RESNET_GLOBAL_SPEC, **args)
+    args = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), **kwargs}
+    return _create(
+        "gattn_resnet_global_tiny",
+        "resnet18",
+        pretrained,
+        RESNET_GLOBAL_SPEC,
+        takes_img_size=False,
+        **args,
+    )
 
 
 @register_model
@@ -156,7 +177,12 @@ def gattn_swin_global_tokens(
         for stage in range(1, len(args["depths"]) + 1)
     ]
     return _create(
-        "gattn_swin_global_tokens", "swin_tiny_patch4_window7_224", pretrained, spec, **args
+        "gattn_swin_global_tokens",
+        "swin_tiny_patch4_window7_224",
+        pretrained,
+        spec,
+        takes_img_size=True,
+        **args,
     )
 
 
@@ -173,4 +199,6 @@ def gattn_vit_global(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         "global_pool": "avg",
         **kwargs,
     }
-    return _create("gattn_vit_global", "vit_tiny_patch16_224", pretrained, None, **args)
+    return _create(
+        "gattn_vit_global", "vit_tiny_patch16_224", pretrained, None, takes_img_size=True, **args
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,9 +126,7 @@ def model_stages(model: nn.Module) -> list[StageInfo]:
         if path is None:  # features_only models drop the modules after their last output
             break
         stages.append(
-            StageInfo(
-                index, prefix + path, entry["num_chs"], entry["reduction"], layout, **extra
-            )
+            StageInfo(index, prefix + path, entry["num_chs"], entry["reduction"], layout, **extra)
         )
     return stages
 
@@ -156,23 +155,20 @@ def patch_grid(num_patches: int, grid_size: tuple[int, int] | None) -> tuple[int
     )
 
 
-class InjectedStage(nn.Module):
-    """Runs ``stage`` and then each injected ``(B, C, H, W)`` block on its output.
+class LayoutAdapter(nn.Sequential):
+    """Runs ``(B, C, H, W)`` blocks, in order, on a stage output of any layout.
 
-    The stage output is converted once to NCHW, passed through the blocks in order, and
-    converted back to the stage's own layout, so the rest of the model is unchanged. For
-    tokens, prefix (class/register) tokens bypass the blocks.
+    The input is converted once to NCHW, passed through the blocks and converted back to its
+    own layout. For tokens, prefix (class/register) tokens bypass the blocks.
 
     Args:
-        stage: The original stage module; extra forward arguments are passed to it.
-        layout: Layout of the stage output (see :class:`StageInfo`).
+        layout: Layout of the input (see :class:`StageInfo`).
         num_prefix_tokens: Prefix tokens in front of the patch tokens (``layout="tokens"``).
         grid_size: Patch grid at the model's image size (``layout="tokens"``).
     """
 
     def __init__(
         self,
-        stage: nn.Module,
         layout: Layout,
         num_prefix_tokens: int = 0,
         grid_size: tuple[int, int] | None = None,
@@ -180,29 +176,45 @@ class InjectedStage(nn.Module):
         super().__init__()
         if layout not in ("nchw", "nhwc", "tokens"):
             raise ValueError(f"layout must be 'nchw', 'nhwc' or 'tokens', got {layout!r}")
-        self.stage = stage
         self.layout = layout
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = grid_size
-        self.blocks = nn.ModuleList()
 
-    def append(self, block: nn.Module) -> None:
-        """Add a block that maps ``(B, C, H, W)`` to the same shape, run after the others."""
-        self.blocks.append(block)
-
-    def _apply_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        x = self.stage(x, *args, **kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "nchw":
-            return self._apply_blocks(x)
+            return super().forward(x)
         if self.layout == "nhwc":
-            return self._apply_blocks(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         B, N, C = patches.shape
         h, w = patch_grid(N, self.grid_size)
-        y = self._apply_blocks(patches.transpose(1, 2).reshape(B, C, h, w))
+        y = super().forward(patches.transpose(1, 2).reshape(B, C, h, w))
         return torch.cat([prefix, y.flatten(2).transpose(1, 2)], dim=1)
+
+
+class InjectedStage(nn.Sequential):
+    """A stage followed by injected blocks: ``injected(stage(x, ...))``.
+
+    A ``Sequential`` so that timm's gradient checkpointing (``checkpoint_seq``, which iterates
+    stages) still works; extra forward arguments (e.g. a ViT block's ``attn_mask``) go to the
+    stage, and ``grad_checkpointing`` (set on stages by timm's ``set_grad_checkpointing``) is
+    forwarded to the stage as well.
+
+    Args:
+        stage: The original stage module.
+        injected: The blocks, with the stage's layout.
+    """
+
+    def __init__(self, stage: nn.Module, injected: LayoutAdapter) -> None:
+        super().__init__(OrderedDict(stage=stage, injected=injected))
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.stage, "grad_checkpointing", False))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.stage.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.injected(self.stage(x, *args, **kwargs))

@@ -88,9 +88,7 @@ class DecodeHead(nn.Module):
         """``(B, in_channels, h, w)`` to ``(B, channels, h, w)``; defined by each head."""
         raise NotImplementedError
 
-    def fuse_context(
-        self, feat: torch.Tensor, global_context: torch.Tensor | None
-    ) -> torch.Tensor:
+    def fuse_context(self, feat: torch.Tensor, global_context: torch.Tensor | None) -> torch.Tensor:
         """Add the projected ``global_context`` ``(B, C_g)`` to every position of ``feat``."""
         if global_context is None:
             return feat
@@ -110,8 +108,6 @@ class DecodeHead(nn.Module):
         """Classify every position: dropout, then a 1x1 conv to ``num_classes``."""
         return self.conv_seg(self.dropout(feat))
 
-    def forward(
-        self, x: torch.Tensor, global_context: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, global_context: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, K, h, w)`` at the resolution of ``x`` ``(B, in_channels, h, w)``."""
         return self.cls_seg(self.fuse_context(self.forward_features(x), global_context))

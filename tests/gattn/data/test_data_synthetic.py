@@ -200,7 +200,9 @@ def test_hand_drawn_paths_connectivity() -> None:
     assert len(m) == 2 and not _joined(apart, m[0], m[1])
 
 
-@pytest.mark.parametrize("kw", [{}, {"num_distractors": 3, "distractor_length": 0.3}, {"path_length": 1.0}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"num_distractors": 3, "distractor_length": 0.3}, {"path_length": 1.0}]
+)
 def test_pathfinder_label_matches_pixel_connectivity(kw: dict) -> None:
     cfg = make_config("pathfinder", **kw)
     labels = []
