@@ -12,7 +12,9 @@ import importlib
 import sys
 
 # command name -> (module, one-line help). Add a line when a stage lands.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("pipelines.prepare", "generate or index the data set, split it, report on it"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gattn.data import DataLayoutError
+    from pipelines.config import ParamsError
+
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ParamsError, DataLayoutError) as err:
+        # Bad input, not a bug: say what is wrong and how to fix it, without a traceback.
+        print(f"gattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ equal to 16 (got 4)``.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -69,3 +71,89 @@ def validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> BaseMo
         return model.model_validate(data)
     except ValidationError as err:
         raise ParamsError(_format(path, err)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections. A stage reads only its own section (plus ``seed`` and ``tracking``).
+
+
+class TrackingParams(Section):
+    """MLflow: the experiment every stage logs to (store: ``$MLFLOW_TRACKING_URI`` or
+    ``<project>/mlflow.db``)."""
+
+    experiment: str = Field("gattn", min_length=1)
+
+
+class LargeImagesParams(Section):
+    """Large generated test images for sliding-window evaluation (the cue is outside most
+    windows). ``num_samples: 0`` disables them."""
+
+    num_samples: int = Field(4, ge=0)
+    image_size: int = Field(256, ge=16)
+
+
+class DataParams(Section):
+    """The ``prepare`` stage: which data, how many, how large, how split.
+
+    ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``) or your own images:
+    ``folder-cls`` (ImageFolder layout) or ``folder-seg`` (``images/`` + ``masks/``) under
+    ``root``.
+    """
+
+    task: Literal["cue-seg", "pathfinder", "folder-cls", "folder-seg"] = "cue-seg"
+    root: str | None = None
+    num_samples: int = Field(800, ge=3)
+    image_size: int = Field(64, ge=16)
+    num_classes: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    generator: dict[str, Any] = Field(default_factory=dict)
+    large: LargeImagesParams = LargeImagesParams()
+    grid_samples: int = Field(16, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave room for a train split")
+        if self.task.startswith("folder"):
+            if not self.root:
+                raise ValueError(f"task {self.task!r} reads your images: set data.root")
+            if self.task == "folder-seg" and self.num_classes is None:
+                raise ValueError("task 'folder-seg' needs data.num_classes (mask values < it)")
+        return self
+
+
+class Params(Section):
+    """The whole ``params.yaml``."""
+
+    seed: int = Field(0, ge=0)
+    tracking: TrackingParams = TrackingParams()
+    data: DataParams = DataParams()
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read, override (``key.sub=value``) and validate ``params.yaml``.
+
+    Raises:
+        ParamsError: with every invalid key and value named.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    for assignment in overrides:
+        set_override(data, assignment)
+    return validate(Params, data, path)  # type: ignore[return-value]
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--params FILE`` and ``--set KEY=VALUE`` for every stage command."""
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set data.num_samples=200 (repeatable)",
+    )

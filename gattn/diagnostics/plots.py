@@ -1,0 +1,79 @@
+"""Figures people would rather see than read: sample grids, overlays. PNG, written atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# Distinct colours for class ids 1..; id 0 (background) stays transparent in overlays.
+_CLASS_COLOURS = plt.get_cmap("tab10").colors
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save ``fig`` as PNG through a temporary file and ``os.replace``, then close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def colorize_mask(mask: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """RGBA image of a class-id mask: class ``k >= 1`` in colour ``k``, background clear."""
+    rgba = np.zeros((*mask.shape, 4), np.float32)
+    for k in np.unique(mask):
+        if k == 0 or k == ignore_index:
+            continue
+        rgba[mask == k] = (*_CLASS_COLOURS[(int(k) - 1) % len(_CLASS_COLOURS)], 0.55)
+    return rgba
+
+
+def sample_grid(
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray | int],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    columns: int = 4,
+    title: str | None = None,
+) -> Path:
+    """A grid of samples with their labels: a class name per image, or the mask overlaid.
+
+    Args:
+        images: ``(H, W, 3)`` or ``(H, W)`` uint8 arrays.
+        targets: per image, an int class (classification) or an ``(H, W)`` mask.
+        class_names: name of every class id.
+        path: PNG to write.
+        columns: images per row.
+        title: figure title.
+    """
+    n = len(images)
+    if n == 0:
+        raise ValueError("sample_grid needs at least one image")
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, target in zip(axes.flat, images, targets, strict=True):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        if isinstance(target, np.ndarray):
+            ax.imshow(colorize_mask(target))
+            present = [class_names[int(k)] for k in np.unique(target) if 0 < k < len(class_names)]
+            ax.set_title(", ".join(present) or class_names[0], fontsize=8)
+        else:
+            ax.set_title(class_names[int(target)], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

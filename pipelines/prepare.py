@@ -1,0 +1,262 @@
+"""``prepare`` stage: generate or index the data set, split it, report on it.
+
+Reads ``seed``, ``tracking`` and ``data`` from params.yaml. Writes
+
+- ``data/prepared/``: ``dataset/`` (the generated benchmark, when ``data.task`` is one),
+  ``large/`` (large generated test images for sliding-window evaluation), ``splits.json``
+  (train/val/test image paths, classes, where the images live);
+- ``reports/prepare/``: ``metrics.json`` (``dvc metrics``), ``class_balance.csv`` and
+  ``samples.png`` (``dvc plots``), ``report.json`` (skipped files, sizes).
+
+Everything is built in a temporary folder and moved into place at the end, so an interrupted
+run never leaves a half-written ``data/prepared`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from gattn.data import (
+    ImageFolderDataset,
+    SegmentationFolderDataset,
+    SyntheticDataset,
+    generate,
+)
+from gattn.diagnostics import sample_grid
+from pipelines.config import Params, add_params_arguments, load_params
+
+PREPARED = Path("data/prepared")
+REPORTS = Path("reports/prepare")
+SPLITS = ("train", "val", "test")
+
+
+def split_indices(n: int, val: float, test: float, seed: int) -> dict[str, list[int]]:
+    """A seeded random partition of ``range(n)`` into train/val/test, each non-empty."""
+    n_val, n_test = max(1, round(n * val)), max(1, round(n * test))
+    if n - n_val - n_test < 1:
+        raise ValueError(f"{n} samples are too few for a train/val/test split")
+    order = np.random.default_rng([seed, 7]).permutation(n).tolist()
+    return {
+        "test": sorted(order[:n_test]),
+        "val": sorted(order[n_test : n_test + n_val]),
+        "train": sorted(order[n_test + n_val :]),
+    }
+
+
+def _index(params: Params, work: Path) -> tuple[Dataset, Path, str]:
+    """Build (or generate, then open) the full data set. Returns (dataset, root, kind)."""
+    d = params.data
+    if d.task in ("cue-seg", "pathfinder"):
+        root = work / "dataset"
+        t0 = time.perf_counter()
+        manifest = generate(d.task, root, d.num_samples, d.image_size, params.seed, **d.generator)
+        print(
+            f"prepare: generated {len(manifest['samples'])} {d.task} samples "
+            f"in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+        return SyntheticDataset(root), root, manifest["kind"]
+    root = Path(d.root).resolve()  # type: ignore[arg-type]
+    if d.task == "folder-cls":
+        return ImageFolderDataset(root), root, "cls"
+    return SegmentationFolderDataset(root, num_classes=d.num_classes), root, "seg"  # type: ignore[arg-type]
+
+
+def _class_names(dataset: Any, kind: str) -> list[str]:
+    names = getattr(dataset, "classes", None)
+    return list(names) if names else [str(k) for k in range(dataset.num_classes)]
+
+
+def _load_target(dataset: Any, i: int) -> np.ndarray | int:
+    target = dataset.samples[i][1]
+    if dataset.task == "seg":
+        with Image.open(target) as m:
+            return np.asarray(m)
+    return int(target)
+
+
+def class_balance(dataset: Any, indices: list[int]) -> list[float]:
+    """Fraction of samples (classification) or of pixels (segmentation) in each class."""
+    counts = np.zeros(dataset.num_classes, np.int64)
+    for i in indices:
+        target = _load_target(dataset, i)
+        if isinstance(target, np.ndarray):
+            valid = target[target < dataset.num_classes]
+            counts += np.bincount(valid.ravel(), minlength=dataset.num_classes)
+        else:
+            counts[target] += 1
+    return (counts / max(1, counts.sum())).tolist()
+
+
+def _image_sizes(dataset: Any) -> Counter:
+    sizes: Counter = Counter()
+    for path, _ in dataset.samples:
+        with Image.open(path) as im:
+            sizes[f"{im.width}x{im.height}"] += 1
+    return sizes
+
+
+def _grid(dataset: Any, indices: list[int], names: list[str], count: int, path: Path) -> None:
+    chosen = indices[:count]
+    images = []
+    for i in chosen:
+        with Image.open(dataset.samples[i][0]) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    targets = [_load_target(dataset, i) for i in chosen]
+    sample_grid(images, targets, names, path, title="train samples with their labels")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_balance_csv(path: Path, names: list[str], balance: dict[str, list[float]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["split", "class", "fraction"])
+    for split, fractions in balance.items():
+        for name, f in zip(names, fractions, strict=True):
+            w.writerow([split, name, f"{f:.6f}"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORTS) -> dict:
+    """Run the stage; returns the report (also written to ``reports_dir``)."""
+    d = params.data
+    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
+    work = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    dataset, root, kind = _index(params, work)
+    names = _class_names(dataset, kind)
+    splits = split_indices(len(dataset), d.val_fraction, d.test_fraction, params.seed)
+    if d.task in ("cue-seg", "pathfinder") and d.large.num_samples:
+        generate(
+            d.task,
+            work / "large",
+            d.large.num_samples,
+            d.large.image_size,
+            params.seed + 1,
+            **d.generator,
+        )
+
+    def rel(i: int) -> str:
+        return Path(dataset.samples[i][0]).relative_to(root).as_posix()
+
+    in_work = root.is_relative_to(work)
+    _write_json(
+        work / "splits.json",
+        {
+            "task": d.task,
+            "kind": kind,
+            "classes": names,
+            "root": root.relative_to(work).as_posix() if in_work else str(root),
+            "large": "large" if (work / "large").is_dir() else None,
+            **{s: [rel(i) for i in splits[s]] for s in SPLITS},
+        },
+    )
+
+    balance = {s: class_balance(dataset, splits[s]) for s in SPLITS}
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    _grid(dataset, splits["train"], names, d.grid_samples, reports_dir / "samples.png")
+    _write_balance_csv(reports_dir / "class_balance.csv", names, balance)
+    metrics = {
+        "num_samples": len(dataset),
+        "num_skipped": len(dataset.skipped),
+        "num_classes": len(names),
+        **{f"num_{s}": len(splits[s]) for s in SPLITS},
+        "num_large": d.large.num_samples if (work / "large").is_dir() else 0,
+    }
+    report = {
+        "metrics": metrics,
+        "classes": names,
+        "class_balance": balance,
+        "image_sizes": dict(_image_sizes(dataset)),
+        "skipped": [{"path": p, "reason": r} for p, r in dataset.skipped],
+    }
+    _write_json(reports_dir / "report.json", report)
+    _write_json(reports_dir / "metrics.json", metrics)
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(work, out_dir)
+    return report
+
+
+def open_split(
+    split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
+) -> Dataset:
+    """The ``train``/``val``/``test`` split (or the large images) written by :func:`prepare`."""
+    prepared = Path(prepared)
+    info = json.loads((prepared / "splits.json").read_text())
+    if large:
+        if not info.get("large"):
+            raise FileNotFoundError(f"{prepared} has no large images (data.large.num_samples: 0)")
+        return SyntheticDataset(prepared / info["large"], transform=transform, check="none")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    root = Path(info["root"])
+    root = root if root.is_absolute() else prepared / root
+    if info["task"] in ("cue-seg", "pathfinder"):
+        full: Any = SyntheticDataset(root, transform=transform, check="none")
+    elif info["task"] == "folder-cls":
+        full = ImageFolderDataset(root, transform=transform, check="none")
+    else:
+        full = SegmentationFolderDataset(root, len(info["classes"]), transform, check="none")
+    position = {Path(p).relative_to(root).as_posix(): i for i, (p, _) in enumerate(full.samples)}
+    wanted = info[split]
+    missing = [p for p in wanted if p not in position]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} file(s) of split {split!r} are gone from {root} (e.g. {missing[0]}); "
+            "rerun `gattn prepare`"
+        )
+    return Subset(full, [position[p] for p in wanted])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_arguments(parser)
+    parser.add_argument("--out", type=Path, default=PREPARED, help="data folder to write")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import tracking
+
+    params = load_params(args.params, args.overrides)
+    with tracking.stage_run(
+        "prepare", params.model_dump(include={"seed", "data"}), params.tracking.experiment
+    ):
+        import mlflow
+
+        report = prepare(params, args.out, args.reports)
+        mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items()})
+        mlflow.log_artifacts(str(args.reports), artifact_path="prepare")
+    print(f"prepare: {json.dumps(report['metrics'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipelines.cli import main
+
+    sys.exit(main(["prepare", *sys.argv[1:]]))
