@@ -60,13 +60,14 @@ def sample_grid(
         title: figure title.
     """
     n = len(images)
-    if n == 0:
-        raise ValueError("sample_grid needs at least one image")
+    if n == 0 or n != len(targets):
+        raise ValueError(f"sample_grid needs one target per image, got {n} and {len(targets)}")
+    columns = min(columns, n)
     rows = -(-n // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, target in zip(axes.flat, images, targets, strict=True):
+    for ax, image, target in zip(axes.flat, images, targets, strict=False):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         if isinstance(target, np.ndarray):
             ax.imshow(colorize_mask(target))

@@ -192,7 +192,7 @@ class MaskedAutoencoder(nn.Module):
             return None
         prefix = torch.cat(tokens, dim=1)
         if enc.pos_embed is not None and not enc.no_embed_class:
-            prefix = prefix
+            prefix = prefix + enc.pos_embed[:, : enc.num_prefix_tokens]
         return prefix
 
     def forward_encoder(

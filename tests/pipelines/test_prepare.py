@@ -1,0 +1,129 @@
+"""The prepare stage: splits, report, atomic output, folder data with bad files, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.config import Params
+from pipelines.prepare import open_split, prepare, split_indices
+
+
+def params(**data) -> Params:
+    base = {
+        "num_samples": 24,
+        "image_size": 32,
+        "large": {"num_samples": 1, "image_size": 64},
+        "grid_samples": 4,
+    }
+    return Params.model_validate({"seed": 3, "data": {**base, **data}})
+
+
+def test_split_indices_partition() -> None:
+    s = split_indices(50, 0.2, 0.1, seed=1)
+    together = s["train"] + s["val"] + s["test"]
+    assert sorted(together) == list(range(50))
+    assert (len(s["val"]), len(s["test"])) == (10, 5)
+    assert s == split_indices(50, 0.2, 0.1, seed=1)
+    assert s != split_indices(50, 0.2, 0.1, seed=2)
+
+
+def test_prepare_generated(tmp_path: Path) -> None:
+    out, reports = tmp_path / "prepared", tmp_path / "reports"
+    report = prepare(params(), out, reports)
+    m = report["metrics"]
+    assert m["num_train"] + m["num_val"] + m["num_test"] == 24 and m["num_skipped"] == 0
+    assert (reports / "samples.png").stat().st_size > 1000
+    assert json.loads((reports / "metrics.json").read_text()) == m
+    assert not (tmp_path / ".prepared.partial").exists()
+    # Pixel balance is measured from the masks: recompute it independently for train.
+    train = open_split("train", out)
+    counts = np.zeros(m["num_classes"])
+    for _, mask in train:
+        counts += np.bincount(mask.numpy().ravel(), minlength=m["num_classes"])
+    np.testing.assert_allclose(report["class_balance"]["train"], counts / counts.sum(), atol=1e-9)
+    # Splits are disjoint and cover every sample.
+    splits = json.loads((out / "splits.json").read_text())
+    names = splits["train"] + splits["val"] + splits["test"]
+    assert len(set(names)) == 24
+    assert len(open_split("test", out, large=True)) == 1
+
+
+def _png(path: Path, value: int, size: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+
+
+def test_prepare_folder_counts_corrupt_files(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        for i in range(6):
+            _png(root / c / f"{i}.png", 40 * i)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    full = (root / "dog" / "0.png").read_bytes()
+    (root / "dog" / "truncated.png").write_bytes(full[: len(full) // 2])
+    with pytest.warns(UserWarning, match="skipping"):
+        report = prepare(params(task="folder-cls", root=str(root)), tmp_path / "p", tmp_path / "r")
+    assert report["metrics"]["num_samples"] == 12
+    assert report["metrics"]["num_skipped"] == 2
+    assert {Path(s["path"]).name for s in report["skipped"]} == {"broken.png", "truncated.png"}
+    assert report["classes"] == ["cat", "dog"]
+    assert sum(len(open_split(s, tmp_path / "p")) for s in ("train", "val", "test")) == 12
+
+
+def test_failed_run_leaves_previous_output_intact(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "prepared"
+    prepare(params(), out, tmp_path / "reports")
+    before = (out / "splits.json").read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr("pipelines.prepare.class_balance", boom)
+    with pytest.raises(RuntimeError):
+        prepare(params(num_samples=30), out, tmp_path / "reports")
+    assert (out / "splits.json").read_text() == before
+
+
+def test_cli_reports_bad_params_and_layout(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_text("data:\n  task: folder-cls\n  root: " + str(tmp_path / "empty") + "\n")
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", "--params", str(p), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "class_a/" in err  # the expected layout is shown
+    assert main(["prepare", "--params", str(p), "--set", "data.nope=1"]) == 2
+    assert "data.nope: unknown key" in capsys.readouterr().err
+
+
+def test_cli_logs_stage_to_mlflow(tmp_path: Path) -> None:
+    import mlflow
+
+    p = tmp_path / "params.yaml"
+    p.write_text(
+        "tracking: {experiment: t}\ndata: {num_samples: 12, image_size: 32,"
+        " large: {num_samples: 0}, grid_samples: 2}\n"
+    )
+    args = [
+        "prepare",
+        "--params",
+        str(p),
+        "--out",
+        str(tmp_path / "o"),
+        "--reports",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 0
+    runs = mlflow.search_runs(experiment_names=["t"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.tags["gattn.stage"] == "prepare"
+    assert runs[0].data.metrics["num_samples"] == 12
+    assert runs[0].data.params["data.image_size"] == "32"
+    artifacts = {
+        a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "prepare")
+    }
+    assert "prepare/samples.png" in artifacts
