@@ -51,10 +51,10 @@ class PathfinderConfig:
 
     image_size: int = 64
     path_length: float = 0.75
-    num_distractors: int = 1
+    num_distractors: int = 0
     distractor_length: float | None = None
     segment_length: float = 0.08
-    max_turn: float = 0.5
+    max_turn: float = 0.3
     dash_length: float = 0.06
     gap_length: float = 0.03
     line_width: float = 0.015
