@@ -303,7 +303,14 @@ def window_attn(
     ls_init_value: float | None = 1e-5,
 ) -> TokenMixerBlock:
     """Pre-norm residual window attention without shift on an NCHW map."""
-    mixer = ShiftedWindowAttention(
-        channels, window_size, 0, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn
+    return shifted_window_attn(
+        channels,
+        window_size=window_size,
+        shift_size=0,
+        num_heads=num_heads,
+        qkv_bias=qkv_bias,
+        attn_drop=attn_drop,
+        proj_drop=proj_drop,
+        fused_attn=fused_attn,
+        ls_init_value=ls_init_value,
     )
-    return TokenMixerBlock(channels, mixer, layout="nhwc", ls_init_value=ls_init_value)
