@@ -161,7 +161,7 @@ def cue_seg_sample(
 
     Returns:
         ``(image (S, S, 3) uint8, mask (S, S) uint8, meta)``; meta holds the cue class, the cue
-        box ``[x0, y0, side]`` and the shape centres.
+        box ``[x0, y0, side]`` and the shape centres ``(x, y)``.
     """
     s = cfg.image_size
     side = max(2, round(cfg.cue_size * s))

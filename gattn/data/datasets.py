@@ -78,6 +78,14 @@ def _check_dir(root: Path, layout: str) -> None:
         raise DataLayoutError(f"{root} does not exist or is not a folder", layout)
 
 
+def _check_mask_header(mask: Image.Image, path: Path, size: tuple[int, int]) -> None:
+    """A mask must be one channel of class ids, the size of its image."""
+    if mask.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"mask {path.name} has mode {mask.mode}, expected one channel")
+    if mask.size != size:
+        raise ValueError(f"mask {path.name} is {mask.size}, its image {size}")
+
+
 class _ImageDataset(Dataset):
     """Shared indexing, checking and fault-tolerant loading of (image, target) samples.
 
@@ -125,13 +133,13 @@ class _ImageDataset(Dataset):
             return True
         paths = [sample[0], sample[1]] if self.task == "seg" else [sample[0]]
         try:
-            sizes = []
+            size = None
             for path in paths:
                 with Image.open(path) as im:
-                    sizes.append(im.size)
+                    if size is not None:
+                        _check_mask_header(im, path, size)
+                    size = im.size
                     im.verify() if check == "verify" else im.load()
-            if self.task == "seg" and sizes[0] != sizes[1]:
-                raise ValueError(f"mask size {sizes[1]} != image size {sizes[0]}")
         except _LOAD_ERRORS as err:
             self._skip(sample[0], f"{type(err).__name__}: {err}")
             return False
@@ -139,16 +147,13 @@ class _ImageDataset(Dataset):
 
     def _load_mask(self, path: Path, size: tuple[int, int]) -> np.ndarray:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"mask mode {im.mode} is not single-channel")
-            if im.size != size:
-                raise ValueError(f"mask size {im.size} != image size {size}")
+            _check_mask_header(im, path, size)
             mask = np.asarray(im)
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        bad = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
         if bad.any():
             raise ValueError(
-                f"mask values {np.unique(mask[bad])[:5].tolist()} are not < num_classes="
-                f"{self.num_classes} nor ignore_index={self.ignore_index}"
+                f"mask {path.name} has values {np.unique(mask[bad])[:5].tolist()}, neither in "
+                f"[0, num_classes={self.num_classes}) nor ignore_index={self.ignore_index}"
             )
         return mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.int64)
 

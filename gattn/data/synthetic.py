@@ -44,8 +44,11 @@ __all__ = [
     "MANIFEST",
     "TASKS",
     "ManifestError",
+    "atomic_write",
     "generate",
     "make_config",
+    "read_manifest",
+    "sha256_file",
     "synthetic_sample",
     "verify_manifest",
 ]
@@ -144,13 +147,14 @@ def generate(
         **kw: the task's config fields (:class:`CueSegConfig`, :class:`PathfinderConfig`).
     """
     cfg = make_config(task, image_size, **kw)
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n={n!r} is invalid, expected an int >= 1")
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} is invalid, expected an int >= 0")
     kind = TASKS[task]
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the end
     if kind == "seg":
         (root / "masks").mkdir(exist_ok=True)
     width = max(6, len(str(n - 1)))
@@ -181,8 +185,8 @@ def generate(
         "format": FORMAT,
         "task": task,
         "kind": kind,
-        "seed": seed,
-        "n": n,
+        "seed": int(seed),
+        "n": int(n),
         "image_size": image_size,
         "config": dataclasses.asdict(cfg),
         "num_classes": cfg.num_classes,

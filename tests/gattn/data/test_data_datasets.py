@@ -119,15 +119,20 @@ def test_segmentation_pairs_by_stem_and_validates_masks(tmp_path: Path) -> None:
     _seg_pair(tmp_path, "a", good)
     _seg_pair(tmp_path, "b", np.full((8, 8), 7))  # 7 >= num_classes
     _seg_pair(tmp_path, "c", np.zeros((6, 6)), image_size=8)  # size mismatch
-    with pytest.warns(UserWarning, match="c.png"):
+    _seg_pair(tmp_path, "d", np.zeros((8, 8)))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "masks" / "d.png")  # RGB
+    with pytest.warns(UserWarning) as record:
         ds = SegmentationFolderDataset(tmp_path, num_classes=3)
-    assert [Path(p).name for p, _ in ds.skipped] == ["c.png"]  # size: caught at index time
-    with pytest.warns(UserWarning, match=r"b.png.*\[7\]"):
+    assert any("mask c.png is (6, 6)" in str(w.message) for w in record)
+    # size and mode: caught at index time from the headers
+    assert [Path(p).name for p, _ in ds.skipped] == ["c.png", "d.png"]
+    assert "mode RGB" in ds.skipped[1][1]
+    with pytest.warns(UserWarning, match=r"mask b.png has values \[7\]"):
         items = [ds[i] for i in range(len(ds))]  # values: caught at load time, replaced
     for image, mask in items:
         assert image.shape == (3, 8, 8) and mask.dtype == torch.long
         assert torch.equal(mask, torch.from_numpy(good).long())
-    assert len(ds.skipped) == 2
+    assert len(ds.skipped) == 3
 
 
 @pytest.mark.parametrize(

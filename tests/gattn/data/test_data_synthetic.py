@@ -162,12 +162,16 @@ def test_cue_colour_names_every_shape_pixel(image_size: int) -> None:
     cfg = CueSegConfig(image_size=image_size)
     seen = set()
     for index in range(12):
-        image, mask, _ = synthetic_sample("cue-seg", index, seed=1, image_size=image_size)
+        image, mask, meta = synthetic_sample("cue-seg", index, seed=1, image_size=image_size)
         rgb = image.astype(int)
         chroma = rgb.max(2) - rgb.min(2)
         cue = chroma > 60
         side = round(cfg.cue_size * image_size)
         assert cue.sum() == side * side  # one solid square
+        ys, xs = np.nonzero(cue)
+        assert (
+            meta["cue_box"] == [xs.min(), ys.min(), side] and np.ptp(xs) == np.ptp(ys) == side - 1
+        )
         colour = rgb[cue].mean(0)
         cls = 1 + int(np.argmin([np.abs(colour - np.array(c)).sum() for c in CUE_PALETTE]))
         shapes = (chroma == 0) & (rgb[..., 0] == cfg.shape_level)
@@ -201,15 +205,23 @@ def test_hand_drawn_paths_connectivity() -> None:
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"num_distractors": 3, "distractor_length": 0.3}, {"path_length": 1.0}]
+    "kw",
+    [
+        {},
+        {"num_distractors": 3, "distractor_length": 0.3, "max_turn": 0.5},
+        {"path_length": 1.0, "num_distractors": 1},
+    ],
 )
 def test_pathfinder_label_matches_pixel_connectivity(kw: dict) -> None:
     cfg = make_config("pathfinder", **kw)
     labels = []
     for index in range(16):
-        image, label, _ = synthetic_sample("pathfinder", index, seed=5, **kw)
+        image, label, meta = synthetic_sample("pathfinder", index, seed=5, **kw)
         blobs = _markers(image, cfg.px(cfg.marker_radius))
         assert len(blobs) == 2
+        centres = np.stack([np.argwhere(b)[:, ::-1].mean(0) for b in blobs])  # (x, y) like meta
+        error = min(np.abs(centres[order] - meta["markers"]).max() for order in ([0, 1], [1, 0]))
+        assert error <= 1
         assert _joined(image, blobs[0], blobs[1]) == bool(label)
         labels.append(label)
     assert sum(labels) == 8
