@@ -132,7 +132,10 @@ class NonLocalBlock(nn.Module):
         key = self._tokens(self.pool(self.phi(x)))
         value = self._tokens(self.pool(self.g(x)))
         if self.mode == "embedded_gaussian":
-            y = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+            # 4-D (B, 1, N, d) with a unit last stride: otherwise SDPA falls back to its math
+            # path, which materialises the (HW)^2 affinity (10x the peak memory at 64x64).
+            q, k, v = (t.unsqueeze(1).contiguous() for t in (query, key, value))
+            y = F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1)
         else:
             y = query @ (key.transpose(1, 2) @ value) / key.shape[1]
         y = y.transpose(1, 2).reshape(B, self.inter_channels, H, W)
