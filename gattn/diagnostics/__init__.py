@@ -1,5 +1,22 @@
 """Diagnostics: what a model looks at and how far it sees, as numbers and pictures."""
 
-from .plots import colorize_mask, sample_grid, save_figure
+from .erf import ReceptiveField, area_ratios, effective_receptive_field
+from .grad_cam import grad_cam
+from .plots import colorize_mask, heatmap, overlay_heatmap, sample_grid, save_figure
+from .rollout import attention_rollout, capture_attention, rollout, rollout_map
 
-__all__ = ["colorize_mask", "sample_grid", "save_figure"]
+__all__ = [
+    "ReceptiveField",
+    "area_ratios",
+    "attention_rollout",
+    "capture_attention",
+    "colorize_mask",
+    "effective_receptive_field",
+    "grad_cam",
+    "heatmap",
+    "overlay_heatmap",
+    "rollout",
+    "rollout_map",
+    "sample_grid",
+    "save_figure",
+]

@@ -78,3 +78,56 @@ def sample_grid(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def overlay_heatmap(
+    image: np.ndarray,
+    heatmaps: dict[str, np.ndarray],
+    path: str | os.PathLike,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    title: str | None = None,
+) -> Path:
+    """The image, then each heatmap (Grad-CAM, rollout, ...) over it, side by side.
+
+    Args:
+        image: ``(H, W, 3)`` or ``(H, W)`` array (uint8 or floats in ``[0, 1]``).
+        heatmaps: name to ``(h, w)`` map; stretched over the image, so a patch-grid map works.
+        path: PNG to write.
+        alpha: Opacity of the heatmaps.
+        cmap: Matplotlib colour map of the heatmaps.
+        title: Figure title.
+    """
+    H, W = image.shape[:2]
+    panels = len(heatmaps) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels, 2.8), squeeze=False)
+    gray = "gray" if image.ndim == 2 else None
+    axes[0, 0].imshow(image, cmap=gray)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax, (name, heat) in zip(axes[0, 1:], heatmaps.items(), strict=True):
+        ax.imshow(image, cmap=gray)
+        ax.imshow(heat, cmap=cmap, alpha=alpha, extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+        ax.set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def heatmap(
+    values: np.ndarray,
+    path: str | os.PathLike,
+    title: str | None = None,
+    cmap: str = "viridis",
+    log: bool = False,
+) -> Path:
+    """One ``(H, W)`` map with a colour bar (e.g. an effective receptive field, ``log=True``)."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    shown = np.log10(values + values.max() * 1e-6 + 1e-30) if log else values
+    image = ax.imshow(shown, cmap=cmap)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="log10" if log else None)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
