@@ -14,6 +14,7 @@ import sys
 # command name -> (module, one-line help). Add a line when a stage lands.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "generate or index the data set, split it, report on it"),
+    "pretrain": ("pipelines.pretrain", "self-supervised pretraining (MAE/DINO) on Ray Train"),
 }
 
 

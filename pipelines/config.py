@@ -123,12 +123,77 @@ class DataParams(Section):
         return self
 
 
+class MaeParams(Section):
+    """MAE objective (``pretrain.method: mae``; the backbone must be a timm ViT)."""
+
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    norm_pix_loss: bool = False
+    decoder_dim: int = Field(64, ge=4, multiple_of=4)
+    decoder_depth: int = Field(1, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+
+
+class DinoParams(Section):
+    """DINO objective (``pretrain.method: dino``): heads, multi-crop, teacher schedules."""
+
+    out_dim: int = Field(1024, ge=2)
+    hidden_dim: int = Field(256, ge=1)
+    bottleneck_dim: int = Field(64, ge=1)
+    n_local: int = Field(4, ge=0)
+    local_size: int = Field(32, ge=8)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    momentum: float = Field(0.996, ge=0, le=1)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: int = Field(0, ge=0)
+
+
+class PretrainParams(Section):
+    """The ``pretrain`` stage: self-supervised pretraining of an encoder on Ray Train.
+
+    ``batch_size`` is per worker; ``lr`` is the peak learning rate after ``warmup_epochs``,
+    decaying (cosine) to ``min_lr``. ``storage`` holds Ray's run folders (checkpoints); a run
+    is named from a hash of this section and ``seed``, so a rerun of the same config resumes
+    and a changed config starts afresh.
+    """
+
+    method: Literal["mae", "dino"] = "mae"
+    backbone: str = Field("gattn_vit_global", min_length=1)
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    img_size: int = Field(64, ge=16)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_samples: int | None = Field(None, ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(2, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=0)
+    storage: str = Field("outputs/ray", min_length=1)
+    mae: MaeParams = MaeParams()
+    dino: DinoParams = DinoParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        return self
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
     seed: int = Field(0, ge=0)
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
+    pretrain: PretrainParams = PretrainParams()
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:

@@ -1,0 +1,467 @@
+"""``pretrain`` stage: self-supervised pretraining of an encoder (MAE or DINO) on Ray Train.
+
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022; Caron et al.,
+"Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021. The objectives live in
+:mod:`gattn.ssl`; this module runs them data-parallel with a Ray Train V2 ``TorchTrainer``
+(DDP, gloo on CPU / NCCL on GPU, a distributed sampler, AdamW with a warm-up + cosine learning
+rate, gradient clipping, bf16 autocast on CUDA only).
+
+Fault tolerance: every epoch ends with a checkpoint (weights as safetensors, optimizer,
+scheduler and epoch as a ``torch.save`` dict loaded with ``weights_only=True``); a worker
+failure (``FailureConfig``) or a rerun of the same config resumes from the last one (a rerun
+of a finished run trains no further and exports it again). The Ray run is named from a hash of
+``pretrain``, ``seed`` and the prepared data's splits and manifest, so a changed config or
+data set never resumes an old run (a code change alone does: clear ``pretrain.storage``).
+
+Reads ``seed``, ``tracking`` and ``pretrain`` from params.yaml and ``data/prepared``. Writes
+
+- ``models/pretrained/``: ``encoder.safetensors`` and ``config.json`` (its ``model`` entry
+  rebuilds the encoder with :func:`gattn.models.build_model`);
+- ``reports/pretrain/``: ``metrics.json``, ``loss_curve.csv`` and, for MAE,
+  ``reconstruction.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from gattn.data.views import MultiCropViews, mae_view
+from gattn.models.build import build_model
+from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure, warmup_cosine
+from gattn.ssl.dino import momentum_schedule
+from pipelines.config import PretrainParams, add_params_arguments, load_params
+from pipelines.prepare import PREPARED, open_split
+
+MODELS = Path("models/pretrained")
+REPORTS = Path("reports/pretrain")
+WEIGHTS, STATE, ENCODER = "model.safetensors", "state.pt", "encoder.safetensors"
+HISTORY = "history.json"  # every epoch's metrics so far, carried across resumes
+
+
+class ImageOnly:
+    """Apply a view to the image of a sample and pass a segmentation mask through."""
+
+    def __init__(self, view: Any) -> None:
+        self.view = view
+
+    def __call__(self, image: Any, *target: Any) -> Any:
+        out = self.view(image)
+        return (out, *target) if target else out
+
+
+def data_fingerprint(prepared: Path) -> str:
+    """A hash of the prepared data's description: its splits and, if generated, its manifest."""
+    prepared = Path(prepared)
+    digest = hashlib.sha256((prepared / "splits.json").read_bytes())
+    root = Path(json.loads((prepared / "splits.json").read_text())["root"])
+    manifest = (root if root.is_absolute() else prepared / root) / "manifest.json"
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    return digest.hexdigest()
+
+
+def run_name(p: PretrainParams, seed: int, data: str = "") -> str:
+    """``pretrain-<method>-<hash>`` of the section, the seed and a :func:`data_fingerprint`:
+    equal configs on equal data share a run (a rerun resumes), others never do."""
+    config = {"seed": seed, "pretrain": p.model_dump(mode="json"), "data": data}
+    blob = json.dumps(config, sort_keys=True)
+    return f"pretrain-{p.method}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def encoder_config(p: PretrainParams) -> dict[str, Any]:
+    """The :func:`build_model` config of the encoder (pooled features, no classifier)."""
+    cfg: dict[str, Any] = {
+        "task": "cls",
+        "backbone": p.backbone,
+        "num_classes": 0,
+        "img_size": p.img_size,
+        "backbone_kwargs": dict(p.backbone_kwargs),
+    }
+    if p.method == "dino" and isinstance(build_model(cfg), VisionTransformer):
+        cfg["backbone_kwargs"].setdefault("dynamic_img_size", True)  # local crops are smaller
+    return cfg
+
+
+def build_objective(p: PretrainParams, cfg: dict[str, Any]) -> nn.Module:
+    """The trained module: :class:`MaskedAutoencoder` or :class:`DINO` around the encoder."""
+    if p.method == "mae":
+        m = p.mae
+        return MaskedAutoencoder(
+            build_model(cfg),
+            decoder_dim=m.decoder_dim,
+            decoder_depth=m.decoder_depth,
+            decoder_heads=m.decoder_heads,
+            mask_ratio=m.mask_ratio,
+            norm_pix_loss=m.norm_pix_loss,
+        )
+    d = p.dino
+    return DINO(
+        build_model(cfg),
+        build_model(cfg),
+        out_dim=d.out_dim,
+        hidden_dim=d.hidden_dim,
+        bottleneck_dim=d.bottleneck_dim,
+    )
+
+
+def train_view(p: PretrainParams) -> ImageOnly:
+    """The training view of a sample: one MAE crop, or DINO's multi-crop."""
+    if p.method == "mae":
+        return ImageOnly(mae_view(p.img_size))
+    d = p.dino
+    crops = MultiCropViews(
+        p.img_size, d.local_size, d.n_local, d.global_scale, d.local_scale, color_jitter=0.4
+    )
+    return ImageOnly(crops)
+
+
+def train_split(p: PretrainParams, prepared: Path, transform: Any) -> Dataset:
+    ds = open_split("train", prepared, transform)
+    return Subset(ds, range(min(len(ds), p.max_samples))) if p.max_samples else ds
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build, resume, train ``epochs`` epochs, checkpoint each."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    p = PretrainParams.model_validate(config["params"])
+    torch.set_num_threads(max(1, p.cpus_per_worker))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+    model = build_objective(p, config["model"])
+    dino_loss = (
+        DINOLoss(
+            p.dino.out_dim,
+            2 + p.dino.n_local,
+            p.dino.warmup_teacher_temp,
+            p.dino.teacher_temp,
+            p.dino.warmup_teacher_temp_epochs,
+            p.epochs,
+        )
+        if p.method == "dino"
+        else None
+    )
+    dataset = train_split(p, Path(config["prepared"]), train_view(p))
+    drop_last = len(dataset) >= p.batch_size * world
+    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, drop_last=drop_last)
+    steps_per_epoch = math.ceil(len(dataset) / world / p.batch_size)
+    if drop_last:
+        steps_per_epoch = len(dataset) // world // p.batch_size
+    total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
+    momentum = momentum_schedule(p.dino.momentum, 1.0, total)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
+            state = torch.load(Path(d) / STATE, weights_only=True)
+            history = json.loads((Path(d) / HISTORY).read_text())
+        start_epoch = state["epoch"]
+        if dino_loss is not None:
+            dino_loss.load_state_dict(state["loss"])
+
+    model = ray.train.torch.prepare_model(model)
+    loader = ray.train.torch.prepare_data_loader(loader)
+    device = ray.train.torch.get_device()
+    if dino_loss is not None:
+        dino_loss.to(device)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, 1.0, p.min_lr / p.lr, warmup)
+    )
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    use_amp = device.type == "cuda"
+
+    for epoch in range(start_epoch, p.epochs):
+        if config.get("fail_at_epoch") == epoch + 1 and rank == 0:
+            flag = Path(config["fail_flag"])
+            if not flag.exists():
+                flag.write_text(f"failed once at epoch {epoch + 1}\n")
+                raise RuntimeError(f"injected worker failure at epoch {epoch + 1}")
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, entropy, kl, images
+        t0 = time.perf_counter()
+        for i, (views, _) in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if dino_loss is None:
+                    loss = model(views)[0]
+                    n = views.shape[0]
+                else:
+                    student, teacher = model(*views)
+                    loss, stats = dino_loss(student, teacher, epoch + i / steps_per_epoch)
+                    n = views[0][0].shape[0]
+                    sums[1] += float(stats["teacher_entropy"]) * n
+                    sums[2] += float(stats["teacher_kl_to_mean"]) * n
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if dino_loss is not None:
+                _unwrap(model).update_teacher(float(momentum[min(step, total - 1)]))
+            sums[0] += float(loss.detach()) * n
+            sums[3] += n
+        seconds = time.perf_counter() - t0
+        images = float(sums[3]) * world
+        sums = _mean_over_workers(sums)
+        metrics = {
+            "epoch": epoch + 1,
+            "start_epoch": start_epoch,
+            "loss": float(sums[0] / sums[3]),
+            "images_per_s": images / max(seconds, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if dino_loss is not None:
+            metrics["teacher_entropy"] = float(sums[1] / sums[3])
+            metrics["teacher_kl_to_mean"] = float(sums[2] / sums[3])
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                inner = _unwrap(model)
+                _save_weights(inner.state_dict(), Path(tmp) / WEIGHTS)
+                _save_weights(inner.encoder_state_dict(), Path(tmp) / ENCODER)
+                torch.save(
+                    {
+                        "epoch": epoch + 1,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "loss": dino_loss.state_dict() if dino_loss is not None else {},
+                    },
+                    Path(tmp) / STATE,
+                )
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _reconstruction(
+    p: PretrainParams, cfg: dict[str, Any], ckpt_dir: Path, prepared: Path, out: Path
+) -> None:
+    """MAE reconstructions of a few validation images by the final model."""
+    model = build_objective(p, cfg)
+    model.load_state_dict(load_file(str(ckpt_dir / WEIGHTS)))
+    model.eval()
+    val = open_split("val", prepared, ImageOnly(mae_view(p.img_size, scale=(1.0, 1.0), flip=False)))
+    imgs = torch.stack([val[i][0] for i in range(min(4, len(val)))])
+    with torch.no_grad():
+        _, pred, mask = model(imgs, generator=torch.Generator().manual_seed(0))
+    reconstruction_figure(imgs, pred, mask, out, norm_pix_loss=p.mae.norm_pix_loss)
+
+
+def _start_ray(p: PretrainParams) -> bool:
+    """Start a local Ray (127.0.0.1, no dashboard) unless one is up; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    cpus = max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        num_gpus=None if p.use_gpu else 0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+    )
+    return True
+
+
+def pretrain(
+    p: PretrainParams,
+    seed: int = 0,
+    prepared: Path = PREPARED,
+    out_dir: Path = MODELS,
+    reports_dir: Path = REPORTS,
+    fail_at_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Run the stage; returns ``{"metrics", "history", "run_name", "storage"}``.
+
+    Args:
+        p: The ``pretrain`` section.
+        seed: The global seed.
+        prepared: The ``prepare`` stage's output folder.
+        out_dir: Where the encoder and its config are written.
+        reports_dir: Where metrics, the loss curve and the reconstruction figure go.
+        fail_at_epoch: Fault injection for tests: the rank-0 worker raises once at the start
+            of this (1-based) epoch; the run must resume from the previous checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
+    storage = Path(p.storage).resolve()
+    name = run_name(p, seed, data_fingerprint(prepared))
+    cfg = encoder_config(p)
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "params": p.model_dump(mode="json"),
+            "seed": seed,
+            "model": cfg,
+            "prepared": str(prepared.resolve()),
+            "fail_at_epoch": fail_at_epoch,
+            "fail_flag": str(storage / f"{name}.injected-failure"),
+        },
+        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    started = _start_ray(p)
+    try:
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretrain run {name} produced no checkpoint: {result.error}")
+    work = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        history = json.loads((Path(d) / HISTORY).read_text())
+        shutil.copy(Path(d) / ENCODER, work / ENCODER)
+        if p.method == "mae":
+            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "reconstruction.png")
+    _write_json(
+        work / "config.json",
+        {"model": cfg, "method": p.method, "run_name": name, "img_size": p.img_size},
+    )
+    with open(reports_dir / "loss_curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[-1]))
+        w.writeheader()
+        w.writerows(history)
+    final = history[-1]
+    metrics = {
+        "epochs": int(final["epoch"]),
+        "loss": float(final["loss"]),
+        "first_epoch_loss": float(history[0]["loss"]),
+        "images_per_s": float(final["images_per_s"]),
+        "resumed_from_epoch": int(final["start_epoch"]),
+        "wall_s": wall,
+    }
+    _write_json(reports_dir / "metrics.json", metrics)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(work, out_dir)
+    return {"metrics": metrics, "history": history, "run_name": name, "storage": str(storage)}
+
+
+def load_encoder(out_dir: Path = MODELS) -> nn.Module:
+    """Rebuild the pretrained encoder from ``config.json`` and load its safetensors."""
+    out_dir = Path(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())["model"]
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(out_dir / ENCODER)))
+    return model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_arguments(parser)
+    parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
+    parser.add_argument("--out", type=Path, default=MODELS, help="encoder folder to write")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines import tracking
+
+    params = load_params(args.params, args.overrides)
+    with tracking.stage_run(
+        "pretrain", params.model_dump(include={"seed", "pretrain"}), params.tracking.experiment
+    ):
+        out = pretrain(params.pretrain, params.seed, args.data, args.out, args.reports)
+        for row in out["history"]:
+            step = int(row["epoch"])
+            mlflow.log_metrics(
+                {
+                    f"epoch_{k}": float(v)
+                    for k, v in row.items()
+                    if k not in ("epoch", "start_epoch") and isinstance(v, int | float)
+                },
+                step=step,
+            )
+        mlflow.log_metrics({k: float(v) for k, v in out["metrics"].items()})
+        mlflow.set_tag("gattn.ray_run", out["run_name"])
+        mlflow.log_artifacts(str(args.reports), artifact_path="pretrain")
+        mlflow.log_artifacts(str(args.out), artifact_path="encoder")
+    print(f"pretrain: {json.dumps(out['metrics'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipelines.cli import main
+
+    sys.exit(main(["pretrain", *sys.argv[1:]]))
