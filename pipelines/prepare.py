@@ -15,11 +15,7 @@ run never leaves a half-written ``data/prepared`` that looks complete.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +33,7 @@ from gattn.data import (
 )
 from gattn.diagnostics import sample_grid
 from pipelines.config import Params, add_params_arguments, load_params
+from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 
 PREPARED = Path("data/prepared")
 REPORTS = Path("reports/prepare")
@@ -119,32 +116,20 @@ def _grid(dataset: Any, indices: list[int], names: list[str], count: int, path: 
     sample_grid(images, targets, names, path, title="train samples with their labels")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_balance_csv(path: Path, names: list[str], balance: dict[str, list[float]]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["split", "class", "fraction"])
-    for split, fractions in balance.items():
-        for name, f in zip(names, fractions, strict=True):
-            w.writerow([split, name, f"{f:.6f}"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    rows = [
+        {"split": split, "class": name, "fraction": f"{f:.6f}"}
+        for split, fractions in balance.items()
+        for name, f in zip(names, fractions, strict=True)
+    ]
+    write_csv(path, rows, ["split", "class", "fraction"])
 
 
 def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORTS) -> dict:
     """Run the stage; returns the report (also written to ``reports_dir``)."""
     d = params.data
     out_dir, reports_dir = Path(out_dir), Path(reports_dir)
-    work = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = staging_dir(out_dir)
 
     dataset, root, kind = _index(params, work)
     names = _class_names(dataset, kind)
@@ -163,7 +148,7 @@ def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORT
         return Path(dataset.samples[i][0]).relative_to(root).as_posix()
 
     in_work = root.is_relative_to(work)
-    _write_json(
+    write_json(
         work / "splits.json",
         {
             "task": d.task,
@@ -193,11 +178,10 @@ def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORT
         "image_sizes": dict(_image_sizes(dataset)),
         "skipped": [{"path": p, "reason": r} for p, r in dataset.skipped],
     }
-    _write_json(reports_dir / "report.json", report)
-    _write_json(reports_dir / "metrics.json", metrics)
+    write_json(reports_dir / "report.json", report)
+    write_json(reports_dir / "metrics.json", metrics)
 
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(work, out_dir)
+    publish_dir(work, out_dir)
     return report
 
 

@@ -24,11 +24,9 @@ Reads ``seed``, ``tracking`` and ``pretrain`` from params.yaml and ``data/prepar
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -46,7 +44,9 @@ from gattn.models.build import build_model
 from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure, warmup_cosine
 from gattn.ssl.dino import momentum_schedule
 from pipelines.config import PretrainParams, add_params_arguments, load_params
+from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.prepare import PREPARED, open_split
+from pipelines.ray_utils import start_local_ray
 
 MODELS = Path("models/pretrained")
 REPORTS = Path("reports/pretrain")
@@ -282,13 +282,6 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _reconstruction(
     p: PretrainParams, cfg: dict[str, Any], ckpt_dir: Path, prepared: Path, out: Path
 ) -> None:
@@ -301,24 +294,6 @@ def _reconstruction(
     with torch.no_grad():
         _, pred, mask = model(imgs, generator=torch.Generator().manual_seed(0))
     reconstruction_figure(imgs, pred, mask, out, norm_pix_loss=p.mae.norm_pix_loss)
-
-
-def _start_ray(p: PretrainParams) -> bool:
-    """Start a local Ray (127.0.0.1, no dashboard) unless one is up; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    cpus = max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker)
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        num_gpus=None if p.use_gpu else 0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-    )
-    return True
 
 
 def pretrain(
@@ -371,7 +346,7 @@ def pretrain(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    started = _start_ray(p)
+    started = start_local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
     try:
         t0 = time.perf_counter()
         result = trainer.fit()
@@ -383,23 +358,18 @@ def pretrain(
             ray.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"pretrain run {name} produced no checkpoint: {result.error}")
-    work = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = staging_dir(out_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / HISTORY).read_text())
         shutil.copy(Path(d) / ENCODER, work / ENCODER)
         if p.method == "mae":
             _reconstruction(p, cfg, Path(d), prepared, reports_dir / "reconstruction.png")
-    _write_json(
+    write_json(
         work / "config.json",
         {"model": cfg, "method": p.method, "run_name": name, "img_size": p.img_size},
     )
-    with open(reports_dir / "loss_curve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[-1]))
-        w.writeheader()
-        w.writerows(history)
+    write_csv(reports_dir / "loss_curve.csv", history, list(history[-1]))
     final = history[-1]
     metrics = {
         "epochs": int(final["epoch"]),
@@ -409,9 +379,8 @@ def pretrain(
         "resumed_from_epoch": int(final["start_epoch"]),
         "wall_s": wall,
     }
-    _write_json(reports_dir / "metrics.json", metrics)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(work, out_dir)
+    write_json(reports_dir / "metrics.json", metrics)
+    publish_dir(work, out_dir)
     return {"metrics": metrics, "history": history, "run_name": name, "storage": str(storage)}
 
 

@@ -12,6 +12,7 @@ from .build import (
 )
 from .heads import HEADS, ASPPHead, DecodeHead, FCNHead, NLHead, PSPHead
 from .inject import Injection, inject, parse_spec
+from .io import load_model, read_config, save_model
 from .local_cnn import LocalCNN, receptive_field
 from .segmenter import Segmenter
 from .stages import InjectedStage, LayoutAdapter, StageInfo, model_stages
@@ -36,7 +37,10 @@ __all__ = [
     "config_keys",
     "create_backbone",
     "inject",
+    "load_model",
     "model_stages",
     "parse_spec",
+    "read_config",
     "receptive_field",
+    "save_model",
 ]
