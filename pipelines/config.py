@@ -79,9 +79,10 @@ def validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> BaseMo
 
 class TrackingParams(Section):
     """MLflow: the experiment every stage logs to (store: ``$MLFLOW_TRACKING_URI`` or
-    ``<project>/mlflow.db``)."""
+    ``<project>/mlflow.db``) and the registered model name the finetune stage writes."""
 
     experiment: str = Field("gattn", min_length=1)
+    model_name: str = Field("gattn-model", min_length=1)  # MLflow Model Registry name
 
 
 class LargeImagesParams(Section):
