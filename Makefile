@@ -22,7 +22,7 @@ test: $(STAMP)
 run: $(STAMP)
 	test -d .git || git init -q
 	test -d .dvc || $(BIN)/dvc init -q
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(BIN)/gattn pipeline
 
 lint: $(STAMP)
 	$(BIN)/ruff check gattn pipelines tests benchmarks

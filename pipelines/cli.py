@@ -15,6 +15,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "generate or index the data set, split it, report on it"),
     "pretrain": ("pipelines.pretrain", "self-supervised pretraining (MAE/DINO) on Ray Train"),
+    "finetune": ("pipelines.finetune", "fine-tune the searched config on Ray Train, register it"),
+    "pipeline": ("pipelines.pipeline", "run every stage (dvc repro) under one MLflow parent run"),
+    "launch": ("pipelines.launch", "run a stage (tune, pretrain) on a Ray cluster as a Ray job"),
 }
 
 
