@@ -15,7 +15,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "generate or index the data set, split it, report on it"),
     "pretrain": ("pipelines.pretrain", "self-supervised pretraining (MAE/DINO) on Ray Train"),
+    "tune": ("pipelines.tune", "search global modules under memory budgets (Ray Tune)"),
+    "recommend": ("pipelines.recommend", "which global strategy fits a memory budget, and why"),
     "finetune": ("pipelines.finetune", "fine-tune the searched config on Ray Train, register it"),
+    "evaluate": ("pipelines.evaluate", "score the model: test split, large images, TTA, ERF"),
+    "explain": ("pipelines.explain", "draw where the model looks (rollout/Grad-CAM) on an image"),
+    "deploy": ("pipelines.deploy", "write the Ray Serve config for the registered model"),
+    "serve": ("pipelines.serve", "run the Ray Serve app locally (blocking; Ctrl-C stops)"),
+    "predict": ("pipelines.client", "send an image to the running app, print or save the answer"),
     "pipeline": ("pipelines.pipeline", "run every stage (dvc repro) under one MLflow parent run"),
     "launch": ("pipelines.launch", "run a stage (tune, pretrain) on a Ray cluster as a Ray job"),
 }

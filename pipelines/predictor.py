@@ -1,0 +1,285 @@
+"""A model folder behind an HTTP API: preprocessing, batched prediction and explanations.
+
+The serving app (:mod:`pipelines.serve`) hands a :class:`Predictor` the requests of one
+dynamic batch; it groups them by image size and options and runs each group as one forward
+pass, so a batch of same-sized requests costs one call of the model.
+
+Images are preprocessed as the training data was (:func:`gattn.data.views.to_float`, with the
+folder's ``mean``/``std`` when it has them). Classifiers see the image resized to the model's
+input size. Segmenters see
+
+- a sliding window (:func:`gattn.inference.sliding_window`, windows of the input size, with
+  global-context feedback when the model takes it) for images larger than the input size
+  (``sliding="auto"``) or always (``"on"``);
+- otherwise the image itself (convolutional models take any size) or, for models with a fixed
+  input grid (a timm ``PatchEmbed``: ViT, Swin), the image resized to the input size and the
+  logits resized back.
+
+Test-time augmentation (:func:`gattn.inference.tta`) wraps any of these. Explanations are
+attention rollout (Abnar & Zuidema 2020) for models with attention layers, else Grad-CAM
+(Selvaraju et al. 2017) on the backbone's last feature map.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.layers import PatchEmbed
+from torch import nn
+
+from gattn.data.views import to_float
+from gattn.diagnostics import attention_rollout, grad_cam, rollout_map
+from gattn.inference import sliding_window, tta
+from gattn.models import load_model
+
+Sliding = Literal["auto", "on", "off"]
+Runner = Callable[[torch.Tensor], torch.Tensor]
+WINDOW_BATCH = 16  # sliding windows per forward pass
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request inference options (requests with equal options and sizes batch together)."""
+
+    tta: bool = False
+    sliding: Sliding = "auto"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request of a batch: a preprocessed image ``(C, H, W)`` and its options."""
+
+    image: torch.Tensor
+    options: Options
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of ``(B, C, H, W)`` to ``size`` (a no-op at that size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def fixed_input_size(model: nn.Module) -> bool:
+    """Whether ``model`` needs inputs of its configured size (it embeds patches on a grid)."""
+    return any(isinstance(m, PatchEmbed) for m in model.modules())
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether :func:`~gattn.diagnostics.capture_attention` finds attention layers in it."""
+    return any(
+        hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)
+        for m in model.modules()
+    )
+
+
+def cam_layer(model: nn.Module) -> tuple[str, str | None]:
+    """Name of the backbone's last feature stage (Grad-CAM's target) and its layout.
+
+    Raises:
+        ValueError: the model has no timm ``feature_info`` that names a module.
+    """
+    backbone, prefix = (model.encoder, "encoder.") if hasattr(model, "encoder") else (model, "")
+    info = getattr(backbone, "feature_info", None)
+    if info is None:
+        raise ValueError(f"{type(backbone).__name__} has no feature_info; cannot pick a layer")
+    name = info.module_name(-1) if hasattr(info, "module_name") else info[-1]["module"]
+    fmt = getattr(backbone, "output_fmt", "NCHW")
+    layout = "nhwc" if getattr(fmt, "value", fmt) == "NHWC" else None
+    modules = dict(model.named_modules())
+    for candidate in (name, name.replace(".", "_"), f"model.{name}"):
+        if prefix + candidate in modules:
+            return prefix + candidate, layout
+    raise ValueError(f"feature module {name!r} not found in {type(model).__name__}")
+
+
+class Predictor:
+    """A loaded model folder answering prediction and explanation requests.
+
+    Args:
+        model_dir: A folder written by :func:`gattn.models.save_model` whose ``config.json``
+            holds ``classes`` and ``img_size`` (the finetune stage's output).
+        overlap: Sliding-window overlap as a fraction of the window.
+        tta_scales: Scales of test-time augmentation (with horizontal flips).
+        device: Torch device.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        overlap: float = 0.25,
+        tta_scales: Sequence[float] = (0.75, 1.0, 1.25),
+        device: str = "cpu",
+    ) -> None:
+        self.model, self.config = load_model(model_dir, device)
+        cfg = self.config["model"]
+        self.task: str = cfg.get("task", "cls")
+        self.num_classes = int(cfg["num_classes"])
+        self.classes: list[str] = [str(c) for c in self.config.get("classes") or []] or [
+            str(i) for i in range(self.num_classes)
+        ]
+        if len(self.classes) != self.num_classes:
+            raise ValueError(
+                f"{model_dir}/config.json lists {len(self.classes)} classes for a model with "
+                f"num_classes={self.num_classes}"
+            )
+        size = self.config.get("img_size") or cfg.get("img_size")
+        if not size:
+            raise ValueError(f"{model_dir}/config.json names no img_size (the input size)")
+        self.img_size = (int(size), int(size))
+        self.in_chans = int(cfg.get("in_chans", 3))
+        self.mode = "L" if self.in_chans == 1 else "RGB"
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"serving takes 1- or 3-channel models, not in_chans={self.in_chans}")
+        self.transform = to_float(self.config.get("mean"), self.config.get("std"))
+        self.overlap = tuple(int(overlap * s) for s in self.img_size)
+        self.tta_scales = tuple(tta_scales)
+        self.device = torch.device(device)
+        self.fixed = fixed_input_size(self.model)
+        head = getattr(self.model, "head", None)
+        self.feedback = getattr(head, "context_proj", None) is not None
+
+    def info(self) -> dict[str, Any]:
+        """Task, classes and input size (for ``GET /v1/model``)."""
+        return {
+            "task": self.task,
+            "classes": self.classes,
+            "input_size": list(self.img_size),
+            "in_chans": self.in_chans,
+            "fixed_input_size": self.fixed,
+            "global_feedback": self.feedback,
+        }
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image (in :attr:`mode`) as the float tensor ``(C, H, W)`` the model takes."""
+        return self.transform(image).as_subclass(torch.Tensor)
+
+    def use_sliding(self, size: tuple[int, int], options: Options) -> bool:
+        """Whether a segmentation of an image of ``size`` runs on sliding windows."""
+        if options.sliding == "on":
+            return True
+        large = size[0] > self.img_size[0] or size[1] > self.img_size[1]
+        return options.sliding == "auto" and large
+
+    def _fit(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x``; fixed-size models see it resized (seg logits are resized back)."""
+        if not self.fixed:
+            return self.model(x)
+        logits = self.model(resize(x, self.img_size))
+        return resize(logits, tuple(x.shape[-2:]), False) if logits.ndim == 4 else logits
+
+    def _runner(self, size: tuple[int, int], options: Options) -> Runner:
+        if self.task == "seg" and self.use_sliding(size, options):
+            return functools.partial(
+                sliding_window,
+                self.model,
+                window=self.img_size,
+                overlap=self.overlap,
+                batch_size=WINDOW_BATCH,
+                global_context="auto" if self.feedback else None,
+            )
+        return self._fit
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor, options: Options) -> torch.Tensor:
+        """Class probabilities of same-sized images ``(B, C, H, W)``: ``(B, K)`` for a classifier
+        (images resized to the input size first), ``(B, K, H, W)`` for a segmenter."""
+        images = images.to(self.device)
+        if self.task == "cls":
+            images = resize(images, self.img_size)
+        runner = self._runner(tuple(images.shape[-2:]), options)
+        if options.tta:
+            return tta(runner, images, self.tta_scales, flip=True, task=self.task)  # type: ignore[arg-type]
+        return runner(images).float().softmax(dim=1)
+
+    def run(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
+        """Results of a batch of jobs, in order: ``(K,)`` probabilities (cls) or an ``(H, W)``
+        class-id mask (seg) per job, or the exception its group raised (so one bad group does
+        not fail the others).
+
+        Jobs with equal image shape and options run as one forward pass.
+        """
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((tuple(job.image.shape), job.options), []).append(i)
+        results: list[np.ndarray | Exception] = [RuntimeError("not run")] * len(jobs)
+        for (_, options), members in groups.items():
+            try:
+                probs = self.probabilities(torch.stack([jobs[i].image for i in members]), options)
+                out = probs.cpu().numpy() if self.task == "cls" else probs.argmax(1).cpu().numpy()
+                for i, row in zip(members, out, strict=True):
+                    results[i] = row
+            except Exception as err:  # reported to the requests of this group only
+                for i in members:
+                    results[i] = err
+        return results
+
+    def default_target(self, probs: torch.Tensor) -> int:
+        """The class to explain when none is asked for, from one image's probabilities: the
+        predicted class (cls), or the largest predicted foreground class (seg; background 0
+        when no pixel is foreground)."""
+        if self.task == "cls":
+            return int(probs.argmax())
+        counts = torch.bincount(probs.argmax(0).flatten(), minlength=self.num_classes)
+        return int(counts[1:].argmax()) + 1 if counts[1:].any() else 0
+
+    def _rollout(self, x: torch.Tensor) -> torch.Tensor:
+        prefix = next(
+            (
+                int(m.num_prefix_tokens)
+                for m in self.model.modules()
+                if hasattr(m, "num_prefix_tokens")
+            ),
+            0,
+        )
+        grid = next(tuple(m.grid_size) for m in self.model.modules() if isinstance(m, PatchEmbed))
+        return rollout_map(attention_rollout(self.model, x), prefix, grid)[0]
+
+    def explain(
+        self,
+        image: torch.Tensor,
+        method: Literal["auto", "rollout", "grad_cam"] = "auto",
+        target: int | None = None,
+    ) -> tuple[str, np.ndarray, int]:
+        """A relevance map in ``[0, 1]`` for one image ``(C, H, W)``.
+
+        Args:
+            image: Preprocessed image.
+            method: ``"rollout"`` (transformers: one token grid through all layers),
+                ``"grad_cam"``, or ``"auto"``: rollout where it applies, else Grad-CAM.
+            target: Class to explain (Grad-CAM); default :meth:`default_target`.
+
+        Returns:
+            ``(method used, map (h, w) at any resolution, target class)``.
+
+        Raises:
+            ValueError: ``target`` is out of range, or the method does not apply to the model.
+        """
+        if method not in ("auto", "rollout", "grad_cam"):
+            raise ValueError(f"method must be 'auto', 'rollout' or 'grad_cam', not {method!r}")
+        x = image[None].to(self.device)
+        if self.task == "cls" or self.fixed:
+            x = resize(x, self.img_size)
+        if target is None:
+            target = self.default_target(self.probabilities(x, Options(sliding="off"))[0])
+        if not 0 <= target < self.num_classes:
+            raise ValueError(f"target {target} is not a class id in [0, {self.num_classes})")
+        if method != "grad_cam" and has_attention(self.model) and self.fixed:
+            try:
+                return "rollout", self._rollout(x).float().cpu().numpy(), target
+            except ValueError:  # e.g. window attention: token counts differ between layers
+                if method == "rollout":
+                    raise
+        elif method == "rollout":
+            raise ValueError("rollout needs a transformer with a patch grid; use grad_cam")
+        layer, layout = cam_layer(self.model)
+        heat = grad_cam(self.model, x, layer, target, layout=layout)[0]
+        return "grad_cam", heat.float().cpu().numpy(), target

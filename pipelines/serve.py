@@ -1,0 +1,514 @@
+"""The Ray Serve app (``gattn serve``): predictions, explanations and model info over HTTP.
+
+A FastAPI ingress deployment (OpenAPI at ``/docs``):
+
+- ``POST /v1/predict``: an image (raw body with ``Content-Type: image/...`` or a
+  ``multipart/form-data`` upload in a ``file`` field). Classifiers answer the top-k labels
+  with probabilities; segmenters the mask as a base64 palette PNG (pixel value = class id)
+  and each class's area. Query options: ``top_k``, ``tta``, ``sliding`` (``auto``: sliding
+  windows with global feedback for images larger than the model's input).
+- ``POST /v1/explain``: a heatmap PNG over the image (attention rollout for ViTs, Grad-CAM
+  otherwise; ``method`` and ``target`` choose).
+- ``GET /v1/model``: name, registry version, task, classes, input size, limits.
+- ``GET /healthz``: liveness (no auth).
+
+Dynamic batching: concurrent predictions are queued by ``@serve.batch`` and run together, up
+to ``max_batch_size`` requests or after ``batch_wait_timeout_s`` (adaptive batching as in
+Clipper, Crankshaw et al. 2017, "Clipper: A Low-Latency Online Prediction Serving System",
+NSDI); same-sized requests of a batch are one forward pass
+(:meth:`pipelines.predictor.Predictor.run`), and each response says how many requests its
+batch held (``batch_size``). Bad input is a 4xx JSON error (:mod:`pipelines.serve_io`);
+optional bearer-token auth reads the token from the environment variable named by
+``auth_token_env`` in the replica's environment.
+
+The model is a registry URI (``models:/NAME@champion``) or a model folder, resolved by
+:func:`pipelines.registry.resolve_model` in each replica. ``gattn serve`` runs the config the
+``deploy`` stage wrote (``models/deploy/serve_config.yaml``) on a local Ray bound to
+127.0.0.1, until Ctrl-C.
+"""
+
+# No `from __future__ import annotations`: Serve and FastAPI read the endpoints' annotations.
+import argparse
+import asyncio
+import hmac
+import math
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import yaml
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, create_model
+from ray import serve
+
+from pipelines.config import ParamsError, Section, ServeParams
+from pipelines.predictor import Job, Options, Predictor
+from pipelines.serve_io import (
+    FORMATS,
+    UPLOAD_FIELD,
+    InputError,
+    decode_image,
+    heatmap_png,
+    image_bytes,
+    mask_png,
+    read_body,
+)
+
+CONFIG = Path("models/deploy/serve_config.yaml")
+DEPLOYMENT = "GattnModel"
+BUILDER = "pipelines.serve:build_app"  # import path of the app builder (serve build format)
+APP_FIELDS = (  # ServeParams fields that are app args (the rest: deployment options)
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "max_body_bytes",
+    "max_pixels",
+    "top_k",
+    "overlap",
+    "tta_scales",
+    "auth_token_env",
+)
+_ALIAS = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
+T = TypeVar("T")
+
+# The app's arguments (``args`` of the serve config): the model, where the registry lives, and
+# the request-level settings of ServeParams (same names, defaults and checks).
+AppArgs: type[Section] = create_model(  # type: ignore[call-overload]
+    "AppArgs",
+    __base__=Section,
+    model=(str, ...),
+    tracking_uri=(str | None, None),
+    **{
+        k: (ServeParams.model_fields[k].annotation, ServeParams.model_fields[k]) for k in APP_FIELDS
+    },
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Response schemas (for /docs and clients).
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int | None = None
+    alias: str | None = None
+    source: str
+
+
+class TopK(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class ClassArea(BaseModel):
+    index: int
+    label: str
+    pixels: int
+    fraction: float
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    task: Literal["cls", "seg"]
+    width: int
+    height: int
+    tta: bool
+    sliding_window: bool
+    batch_size: int  # requests in the dynamic batch this one ran in
+    top_k: list[TopK] | None = None
+    mask_png: str | None = None  # base64 palette PNG, pixel value = class index
+    areas: list[ClassArea] | None = None
+
+
+class ExplainResponse(BaseModel):
+    model: ModelRef
+    method: Literal["rollout", "grad_cam"]
+    target: int
+    label: str
+    width: int
+    height: int
+    heatmap_png: str  # base64 PNG: the heatmap over the image
+
+
+class ModelInfo(BaseModel):
+    model: ModelRef
+    task: Literal["cls", "seg"]
+    classes: list[str]
+    input_size: list[int]
+    in_chans: int
+    fixed_input_size: bool
+    global_feedback: bool
+    limits: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "empty, corrupt or truncated image",
+        401: "missing or wrong bearer token",
+        413: "body or image too large",
+        415: "content type or image format not accepted",
+        422: "invalid query parameter",
+    }.items()
+}
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
+                    "required": [UPLOAD_FIELD],
+                }
+            },
+            **{
+                f"image/{fmt.lower()}": {"schema": {"type": "string", "format": "binary"}}
+                for fmt in FORMATS
+            },
+        },
+    }
+}
+
+api = FastAPI(
+    title="gattn",
+    summary="Global-context vision models: predictions, explanations, model info.",
+    version="1",
+)
+
+
+@api.exception_handler(InputError)
+async def _input_error(_request: Request, err: InputError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.payload(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_parameter(_request: Request, err: RequestValidationError) -> JSONResponse:
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+    return JSONResponse({"error": "invalid_parameter", "detail": detail}, status_code=422)
+
+
+def model_ref(uri: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Name, registry version and alias of a served model (``config.json``'s ``registered``
+    entry, written by the registry; a plain folder is named after itself)."""
+    registered = config.get("registered") or {}
+    alias = _ALIAS.match(uri)
+    return {
+        "name": registered.get("name") or Path(uri).name,
+        "version": registered.get("version"),
+        "alias": alias["alias"] if alias else None,
+        "source": uri,
+    }
+
+
+def top_labels(probs: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes, most probable first (ties by class index)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"index": int(i), "label": classes[i], "probability": float(probs[i])} for i in order]
+
+
+def mask_payload(mask: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """A segmentation answer: the mask as a base64 palette PNG and each class's area."""
+    counts = np.bincount(mask.ravel(), minlength=len(classes)).tolist()
+    return {
+        "mask_png": mask_png(mask, len(classes)),
+        "areas": [
+            {"index": i, "label": c, "pixels": n, "fraction": n / mask.size}
+            for i, (c, n) in enumerate(zip(classes, counts, strict=True))
+        ],
+    }
+
+
+def read_token(env_name: str | None) -> str | None:
+    """The bearer token from ``$env_name`` (``None``: no auth).
+
+    Raises:
+        RuntimeError: auth is asked for but the variable is unset or empty (never serve
+            unauthenticated by mistake).
+    """
+    if env_name is None:
+        return None
+    token = os.environ.get(env_name, "")
+    if not token:
+        raise RuntimeError(
+            f"auth_token_env={env_name!r} but ${env_name} is not set in the replica's "
+            "environment; export it before Ray starts (or set serve.auth_token_env: null)"
+        )
+    return token
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64)
+@serve.ingress(api)
+class GattnModel:
+    """One replica: a :class:`~pipelines.predictor.Predictor` behind the HTTP API.
+
+    Args:
+        args: :data:`AppArgs` as a dict (the serve config's ``args``).
+    """
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        import ray
+        import torch
+
+        from pipelines.registry import resolve_model
+
+        self.args = AppArgs.model_validate(args)
+        resources = ray.get_runtime_context().get_assigned_resources()
+        torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+        device = "cuda" if resources.get("GPU") and torch.cuda.is_available() else "cpu"
+        self.token = read_token(self.args.auth_token_env)
+        if self.args.tracking_uri:
+            import mlflow
+
+            # MLflow resolves a models:/ URI's download location in its default store,
+            # whatever store resolve_model is given: make that the configured one.
+            mlflow.set_tracking_uri(self.args.tracking_uri)
+        folder = resolve_model(self.args.model, store=self.args.tracking_uri)
+        self.predictor = Predictor(folder, self.args.overlap, self.args.tta_scales, device)
+        self.ref = model_ref(self.args.model, self.predictor.config)
+        self.lock = threading.Lock()  # one model call at a time (explain hooks the model)
+        self.predict_batch.set_max_batch_size(self.args.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self.lock:
+            return fn(*args)
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise InputError(401, "unauthorized", "send 'Authorization: Bearer <token>'")
+
+    def _decode(self, data: bytes) -> tuple[Any, Any]:
+        image = decode_image(data, self.args.max_pixels, self.predictor.mode)
+        return image, self.predictor.preprocess(image)
+
+    async def _image(self, request: Request) -> tuple[Any, Any]:
+        """The checked upload: the decoded PIL image and the model's input tensor."""
+        self._authorize(request)
+        body = await read_body(request.headers, request.stream(), self.args.max_body_bytes)
+        data = await image_bytes(request.headers, body)
+        return await asyncio.to_thread(self._decode, data)  # off the event loop
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, jobs: list[Job]) -> list[tuple[Any, int]]:
+        """Run a dynamic batch; each result comes back with the batch's size."""
+        results = await asyncio.to_thread(self._locked, self.predictor.run, jobs)
+        return [(r, len(jobs)) for r in results]
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the replica has its model loaded."""
+        return {"status": "ok"}
+
+    @api.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
+    async def model_info(self, request: Request) -> dict[str, Any]:
+        """The served model: name, registry version, task, classes, input size, limits."""
+        self._authorize(request)
+        limits = self.args.model_dump(include={"max_body_bytes", "max_pixels", "max_batch_size"})
+        return {"model": self.ref, **self.predictor.info(), "limits": limits}
+
+    @api.post(
+        "/v1/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY
+    )
+    async def predict(
+        self,
+        request: Request,
+        top_k: int | None = Query(None, ge=1, description="labels returned (cls)"),
+        tta: bool = Query(False, description="test-time augmentation: scales and flips"),
+        sliding: Literal["auto", "on", "off"] = Query(
+            "auto", description="sliding windows (seg): auto = when larger than the input size"
+        ),
+    ) -> dict[str, Any]:
+        """Classify or segment an uploaded image."""
+        image, x = await self._image(request)
+        p = self.predictor
+        options = Options(tta=tta, sliding=sliding)
+        result, batch_size = await self.predict_batch(Job(x, options))
+        if isinstance(result, Exception):
+            raise result
+        width, height = image.size
+        out: dict[str, Any] = {
+            "model": self.ref,
+            "task": p.task,
+            "width": width,
+            "height": height,
+            "tta": tta,
+            "sliding_window": p.task == "seg" and p.use_sliding((height, width), options),
+            "batch_size": batch_size,
+        }
+        if p.task == "cls":
+            out["top_k"] = top_labels(result, p.classes, min(top_k or self.args.top_k, len(result)))
+        else:
+            out.update(await asyncio.to_thread(mask_payload, result, p.classes))
+        return out
+
+    @api.post(
+        "/v1/explain", response_model=ExplainResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY
+    )
+    async def explain(
+        self,
+        request: Request,
+        method: Literal["auto", "rollout", "grad_cam"] = Query(
+            "auto", description="auto: rollout for transformers, Grad-CAM otherwise"
+        ),
+        target: int | None = Query(None, ge=0, description="class to explain (default: predicted)"),
+    ) -> dict[str, Any]:
+        """A heatmap of what the model looks at, over the uploaded image."""
+        image, x = await self._image(request)
+        p = self.predictor
+        if target is not None and target >= p.num_classes:
+            raise InputError(422, "invalid_parameter", f"target must be < {p.num_classes}")
+        try:
+            used, heat, target = await asyncio.to_thread(self._locked, p.explain, x, method, target)
+        except ValueError as err:  # the method does not apply to this model
+            raise InputError(422, "unsupported_method", str(err)) from None
+        width, height = image.size
+        return {
+            "model": self.ref,
+            "method": used,
+            "target": target,
+            "label": p.classes[target],
+            "width": width,
+            "height": height,
+            "heatmap_png": await asyncio.to_thread(heatmap_png, image, heat),
+        }
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The app builder named by the serve config's ``import_path``.
+
+    Args:
+        args: :data:`AppArgs`: ``model`` (a ``models:/`` URI or a folder) and the settings.
+
+    Raises:
+        ValueError: invalid args (named, as in params.yaml errors).
+    """
+    from pydantic import ValidationError
+
+    try:
+        checked = AppArgs.model_validate(args)
+    except ValidationError as err:
+        raise ValueError(f"serve app args: {err}") from None
+    return GattnModel.bind(checked.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------------------------
+# Running a serve config (gattn serve; the tests use deploy_config directly).
+
+
+def load_config(path: Path) -> Any:
+    """Read and validate a serve config (``ServeDeploySchema``).
+
+    Raises:
+        ParamsError: the file is missing or does not validate.
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if not Path(path).is_file():
+        raise ParamsError(f"{path}: not found; run `gattn deploy` first (or pass --config)")
+    try:
+        return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (ValidationError, yaml.YAMLError) as err:
+        raise ParamsError(f"{path}: not a valid Serve config: {err}") from None
+
+
+def deploy_config(config: Any, timeout_s: float = 300.0) -> None:
+    """Deploy a ``ServeDeploySchema`` on the connected Ray (starting Serve with its
+    ``http_options`` if needed, as ``serve run CONFIG`` does) and wait until it runs.
+
+    Raises:
+        RuntimeError: an application failed to deploy (with Serve's message) or did not
+            come up within ``timeout_s``.
+    """
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ApplicationStatus
+
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+    )
+    client.deploy_apps(config)
+    names = {app.name for app in config.applications}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = {n: a for n, a in serve.status().applications.items() if n in names}
+        failed = {
+            n: a.message
+            for n, a in apps.items()
+            if a.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        }
+        if failed:
+            raise RuntimeError(f"serve app(s) failed to deploy: {failed}")
+        if len(apps) == len(names) and all(
+            a.status == ApplicationStatus.RUNNING for a in apps.values()
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"serve app(s) not running after {timeout_s:.0f} s: {apps}")
+        time.sleep(0.5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG, help="serve config from `gattn deploy`"
+    )
+
+
+def cpus_needed(config: Any) -> int:
+    """Logical CPUs the config's replicas reserve (so a local Ray declares at least these)."""
+    total = 0.0
+    for app in config.applications:
+        for d in app.deployments:
+            cpus = getattr(d.ray_actor_options, "num_cpus", None)
+            replicas = d.num_replicas if isinstance(d.num_replicas, int) else 1
+            total += replicas * (cpus if isinstance(cpus, int | float) else 1.0)
+    return math.ceil(total)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.ray_utils import start_local_ray
+
+    config = load_config(args.config)
+    started = start_local_ray(num_cpus=cpus_needed(config))
+    try:
+        try:
+            deploy_config(config)
+        except RuntimeError as err:
+            print(f"gattn serve: error: {err}", file=sys.stderr)
+            return 1
+        http = config.http_options
+        for app in config.applications:
+            print(
+                f"serve: {app.name} at http://{http.host}:{http.port}{app.route_prefix} "
+                f"(docs: {app.route_prefix.rstrip('/')}/docs); Ctrl-C stops"
+            )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("serve: shutting down")
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
