@@ -2,7 +2,14 @@
 
 from .erf import ReceptiveField, area_ratios, effective_receptive_field
 from .grad_cam import grad_cam
-from .plots import colorize_mask, heatmap, overlay_heatmap, sample_grid, save_figure
+from .plots import (
+    colorize_mask,
+    confusion_matrix,
+    heatmap,
+    overlay_heatmap,
+    sample_grid,
+    save_figure,
+)
 from .rollout import attention_rollout, capture_attention, rollout, rollout_map
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
     "attention_rollout",
     "capture_attention",
     "colorize_mask",
+    "confusion_matrix",
     "effective_receptive_field",
     "grad_cam",
     "heatmap",

@@ -131,3 +131,44 @@ def heatmap(
     if title:
         ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def confusion_matrix(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) as row-normalised shares
+    (each row's recall, so rare classes are as readable as common ones), with the counts.
+
+    Args:
+        matrix: ``(K, K)`` counts, ``matrix[i, j]`` = samples (pixels) of class ``i``
+            predicted as ``j``.
+        class_names: Name of every class.
+        path: PNG to write.
+        title: Figure title.
+    """
+    counts = np.asarray(matrix, dtype=np.float64)
+    k = counts.shape[0]
+    if counts.shape != (k, k) or len(class_names) != k:
+        raise ValueError(
+            f"need a square matrix and {k} names, got {counts.shape}, {len(class_names)}"
+        )
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = 1.2 + 0.55 * k
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            text = f"{shares[i, j]:.2f}\n{int(counts[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6, color=colour)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)

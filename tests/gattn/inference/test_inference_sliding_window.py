@@ -136,3 +136,15 @@ def test_segmenter_with_auto_context_runs_at_any_size():
     model = build_segmenter(backbone="gattn_local_cnn", num_classes=3, in_chans=1).eval()
     out = sliding_window(model, torch.randn(1, 1, 45, 70), 32, 8, global_context="auto")
     assert out.shape == (1, 3, 45, 70) and torch.isfinite(out).all()
+
+
+def test_channels_last_and_batching_leave_a_segmenter_output_unchanged():
+    """The memory-format switch the benchmark measures changes speed, not results."""
+    from gattn.models.build import build_segmenter
+
+    torch.manual_seed(0)
+    model = build_segmenter(backbone="gattn_local_cnn", num_classes=3).eval()
+    image = torch.rand(1, 3, 50, 70)
+    ref = sliding_window(model, image, 32, 8, batch_size=1)
+    fast = sliding_window(model, image, 32, 8, batch_size=4, channels_last=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,673 @@
+"""``finetune`` stage: supervised training of the searched config from the pretrained encoder.
+
+Transfer as in BEiT/MAE fine-tuning (Bao et al. 2022, "BEiT: BERT Pre-Training of Image
+Transformers", layer-wise learning-rate decay; He et al. 2022, "Masked Autoencoders Are
+Scalable Vision Learners", Sec. 4): the model the search chose (``models/tune/best.json``) is
+built, every tensor of ``models/pretrained/encoder.safetensors`` whose name (after the
+encoder's prefix, e.g. ``encoder.model.`` inside a :class:`~gattn.models.Segmenter`) and shape
+match is loaded, and the rest is reported (missing / unexpected / shape-mismatched keys; an
+absolute position embedding of another grid is resampled). Training runs data-parallel with a
+Ray Train V2 ``TorchTrainer`` (DDP, gloo on CPU / NCCL on GPU), AdamW with warm-up + cosine
+and optional layer-wise decay, one checkpoint per epoch (safetensors weights + a
+``weights_only`` state; a worker failure or a rerun of the same config resumes), and keeps
+the weights of the epoch with the best validation metric (mIoU for segmentation, accuracy for
+classification).
+
+Global-context feedback is trained, not only used: for a segmenter whose head takes a context
+vector, a share of the batches (``context_crop``) become one random window of the image,
+resized to the input size, while the context comes from the whole image (what
+:func:`gattn.inference.sliding_window` with ``global_context="auto"`` gives each window of a
+large image). The head's context projection starts at zero, so without this it would stay an
+unused no-op.
+
+Reads ``seed``, ``tracking``, ``finetune`` from params.yaml, ``models/tune/best.json``,
+``models/pretrained/`` and ``data/prepared/``. Writes
+
+- ``models/finetuned/``: a :func:`gattn.models.save_model` folder (meta: ``task``,
+  ``classes``, ``img_size``, ``metric``, ``best_score``, ``registered: {name, version}``),
+  also registered in the MLflow Model Registry under ``tracking.model_name`` with alias
+  ``champion``;
+- ``reports/finetune/``: ``metrics.json``, ``history.csv`` (per epoch: train loss, validation
+  metric) and ``init.json`` (which pretrained keys were loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from gattn.data.views import seg_eval_transform, seg_train_transform
+from gattn.models import build_model, save_model
+from gattn.models.io import CONFIG, read_config
+from gattn.ssl import warmup_cosine
+from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
+from pipelines.io import publish_dir, staging_dir, write_csv, write_json
+from pipelines.metrics import IGNORE_INDEX, METRIC, score
+from pipelines.prepare import PREPARED, open_split
+from pipelines.pretrain import ENCODER, data_fingerprint
+from pipelines.pretrain import MODELS as PRETRAINED
+from pipelines.ray_utils import start_local_ray
+
+BEST_JSON = Path("models/tune/best.json")
+MODELS = Path("models/finetuned")
+REPORTS = Path("reports/finetune")
+WEIGHTS, BEST, STATE, HISTORY = "model.safetensors", "best.safetensors", "state.pt", "history.json"
+_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|stages|layer)\.?(\d+)(?:\.|$)")
+_EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|stem|conv1|bn1)(?:\.|$)")
+
+
+# --------------------------------------------------------------------------------------------
+# The searched config
+
+
+def load_best(path: Path, budget_gib: float | None = None) -> tuple[str, dict[str, Any]]:
+    """The ``(budget key, entry)`` of ``best.json`` at ``budget_gib`` (default: selected).
+
+    Raises:
+        FileNotFoundError: no ``best.json`` (run the tune stage).
+        ParamsError: the budget is not in the file, or no config fits it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `gattn tune` first (or pass --best)")
+    best = json.loads(path.read_text())
+    per_budget: dict[str, Any] = best["per_budget"]
+    if budget_gib is None:
+        if best.get("selected_budget") is None:
+            raise ParamsError(f"{path}: the search found no config within any budget")
+        key = str(best["selected_budget"])
+    else:
+        keys = [k for k in per_budget if math.isclose(float(k), budget_gib)]
+        if not keys:
+            raise ParamsError(
+                f"finetune.budget_gib: {budget_gib} is not a searched budget; "
+                f"{path} has {sorted(per_budget, key=float)}"
+            )
+        key = keys[0]
+    entry = per_budget.get(key)
+    if entry is None:
+        raise ParamsError(
+            f"finetune.budget_gib: no searched config fits {key} GiB ({path}); pick another "
+            f"budget ({sorted((k for k, v in per_budget.items() if v), key=float)})"
+        )
+    return key, entry
+
+
+def img_size_of(entry: Mapping[str, Any]) -> int:
+    """The training input size of a ``best.json`` entry."""
+    return int(entry["train"].get("img_size") or entry["model"]["img_size"])
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained weights by name
+
+
+def _prefix(target: list[str], source: set[str]) -> str:
+    """The prefix ``p`` for which the most target names are ``p + a source name``."""
+    counts: dict[str, int] = {}
+    for name in target:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in source:
+                prefix = ".".join(parts[:i]) + ("." if i else "")
+                counts[prefix] = counts.get(prefix, 0) + 1
+    return max(counts, key=lambda p: (counts[p], -len(p))) if counts else ""
+
+
+def _resample(model: nn.Module, name: str, src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """An absolute position embedding ``src`` resampled to the grid of ``shape``, or ``src``."""
+    if not name.endswith("pos_embed") or src.ndim != 3 or src.shape[-1] != shape[-1]:
+        return src
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    prefix = (
+        0 if getattr(owner, "no_embed_class", False) else getattr(owner, "num_prefix_tokens", 0)
+    )
+    side, src_side = math.isqrt(shape[1] - prefix), math.isqrt(src.shape[1] - prefix)
+    if side * side != shape[1] - prefix or src_side * src_side != src.shape[1] - prefix:
+        return src
+    return resample_abs_pos_embed(src, (side, side), (src_side, src_side), prefix)
+
+
+def load_pretrained(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Copy ``weights`` into ``model`` where the names (up to a common prefix) and shapes match.
+
+    Returns:
+        ``{"prefix", "matched", "missing", "unexpected", "shape_mismatch", "resampled"}``:
+        loaded names, model tensors left as initialised, unused pretrained names,
+        ``{name: [pretrained shape, model shape]}`` skipped, and resampled position embeddings.
+    """
+    state = model.state_dict()
+    prefix = _prefix(list(state), set(weights))
+    matched, mismatch, resampled, used = [], {}, [], set()
+    for name, tensor in state.items():
+        src_name = name[len(prefix) :] if name.startswith(prefix) else None
+        if src_name not in weights:
+            continue
+        used.add(src_name)
+        src = weights[src_name]
+        if src.shape != tensor.shape:
+            src = _resample(model, name, src, tensor.shape)
+            if src.shape != tensor.shape:
+                mismatch[name] = [list(weights[src_name].shape), list(tensor.shape)]
+                continue
+            resampled.append(name)
+        state[name] = src.to(tensor.dtype)
+        matched.append(name)
+    model.load_state_dict(state)
+    return {
+        "prefix": prefix,
+        "matched": matched,
+        "missing": [n for n in state if n not in matched and n not in mismatch],
+        "unexpected": sorted(set(weights) - used),
+        "shape_mismatch": mismatch,
+        "resampled": resampled,
+    }
+
+
+def init_report(model: nn.Module, encoder: Path | None) -> dict[str, Any]:
+    """:func:`load_pretrained` of ``encoder`` into ``model``, or the report of a model that
+    starts from scratch (``encoder=None``: every tensor missing)."""
+    if encoder is not None:
+        return load_pretrained(model, load_file(str(encoder)))
+    return {
+        "prefix": "",
+        "matched": [],
+        "missing": list(model.state_dict()),
+        "unexpected": [],
+        "shape_mismatch": {},
+        "resampled": [],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise decay: 0 for embeddings/stem, ``i + 1`` inside
+    block/stage ``i``, ``num_layers + 1`` for everything after (norms, heads)."""
+    found = _LAYER.search(name)
+    if found:
+        return int(found[1]) + 1
+    return 0 if _EMBED.search(name) else num_layers + 1
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings (1-d or ``*_embed``/
+    ``*_token``), and ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    depths = [int(m[1]) + 1 for n, _ in named if (m := _LAYER.search(n))]
+    num_layers = max(depths, default=0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named:
+        lid = layer_id(name, num_layers)
+        no_decay = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        group = groups.setdefault(
+            (lid, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (num_layers + 1 - lid),
+            },
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def train_transform(p: FinetuneParams, img_size: int) -> Any:
+    """Random crop (``crop_scale``) resized to ``img_size``, optional flip; joint for masks."""
+    return seg_train_transform(img_size, scale=tuple(p.crop_scale), hflip=p.hflip)
+
+
+def takes_context(model: nn.Module) -> bool:
+    """Whether ``model`` is a segmenter whose head fuses a ``global_context`` vector."""
+    head = getattr(model, "head", None)
+    return callable(getattr(model, "encode_context", None)) and (
+        getattr(head, "context_proj", None) is not None
+    )
+
+
+def window_view(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random square-ish crop (area fraction in ``scale``) of a whole batch, resized back
+    to the batch's size (images bilinear, masks nearest): what a sliding window sees of a
+    larger image of the same scene."""
+    H, W = images.shape[-2:]
+    side = float(torch.empty(1).uniform_(*scale, generator=generator)) ** 0.5
+    h, w = max(1, round(H * side)), max(1, round(W * side))
+    y = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+    x = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+    crop = F.interpolate(
+        images[..., y : y + h, x : x + w], size=(H, W), mode="bilinear", align_corners=False
+    )
+    mask = targets[:, None, y : y + h, x : x + w].float()
+    mask = F.interpolate(mask, size=(H, W), mode="nearest")[:, 0].long()
+    return crop, mask
+
+
+def _subset(ds: Dataset, limit: int | None) -> Dataset:
+    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build, initialise or resume, train, validate, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    p = FinetuneParams.model_validate(config["params"])
+    torch.set_num_threads(max(1, p.cpus_per_worker))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    task, num_classes, size = config["task"], config["num_classes"], config["img_size"]
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"])
+    if config.get("pretrained"):
+        load_pretrained(model, load_file(config["pretrained"]))
+
+    prepared = Path(config["prepared"])
+    train = _subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
+    val = _subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
+    batch = config["batch_size"]
+    drop_last = len(train) >= batch * world
+    loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=drop_last)
+    steps_per_epoch = (
+        len(train) // world // batch if drop_last else math.ceil(len(train) / world / batch)
+    )
+    total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
+
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = []
+    best: dict[str, torch.Tensor] = {}  # weights of the best epoch so far (CPU)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
+            state = torch.load(Path(d) / STATE, weights_only=True)
+            history = json.loads((Path(d) / HISTORY).read_text())
+            best = load_file(str(Path(d) / BEST))
+    start_epoch = state["epoch"] if state else 0
+
+    use_context = p.context_crop > 0 and task == "seg" and takes_context(model)
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    # Batches without context leave the context projection unused: DDP must allow that.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": use_context}
+    )
+    loader = ray.train.torch.prepare_data_loader(loader)
+    device = ray.train.torch.get_device()
+    groups = param_groups(getattr(model, "module", model), p.weight_decay, p.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config["lr"])
+
+    def lr_lambda(step: int) -> float:
+        return warmup_cosine(step, total, 1.0, p.min_lr_ratio, warmup)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda s, g=g: g["lr_scale"] * lr_lambda(s) for g in groups]
+    )
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    use_amp = device.type == "cuda"
+    metric = METRIC[task]
+
+    for epoch in range(start_epoch, p.epochs):
+        if config.get("fail_at_epoch") == epoch + 1 and rank == 0:
+            flag = Path(config["fail_flag"])
+            if not flag.exists():
+                flag.write_text(f"failed once at epoch {epoch + 1}\n")
+                raise RuntimeError(f"injected worker failure at epoch {epoch + 1}")
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
+        t0 = time.perf_counter()
+        for images, targets in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if use_context and float(torch.rand(1, generator=generator)) < p.context_crop:
+                    # Global feedback: the head sees a window, the context the whole image.
+                    context = getattr(model, "module", model).encode_context(images)
+                    images, targets = window_view(images, targets, p.context_crop_scale, generator)
+                    logits = model(images, global_context=context)
+                else:
+                    logits = model(images)
+                loss = F.cross_entropy(
+                    logits.float(),
+                    targets,
+                    ignore_index=IGNORE_INDEX,
+                    label_smoothing=p.label_smoothing,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            sums += torch.tensor([float(loss.detach()) * len(images), len(images)])
+        seconds = time.perf_counter() - t0
+        images_seen = float(sums[1]) * world
+        sums = _mean_over_workers(sums)
+        inner = getattr(model, "module", model)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "start_epoch": start_epoch,
+            "train_loss": float(sums[0] / sums[1]),
+            "images_per_s": images_seen / max(seconds, 1e-9),
+            "lr": max(scheduler.get_last_lr()),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                inner.eval()
+                val_loader = DataLoader(val, batch_size=batch)
+                scores = score(inner, val_loader, task, num_classes, device)
+                row["val_metric"] = scores[metric]
+                row["val_accuracy"] = scores["accuracy"]
+                row["val_miou"] = scores["miou"]
+                previous = max((h["val_metric"] for h in history), default=-math.inf)
+                if not best or row["val_metric"] >= previous:  # ties: the later epoch
+                    best = _cpu_state(inner)
+                history.append(row)
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                save_file(best, str(Path(tmp) / BEST))
+                save_file(_cpu_state(inner), str(Path(tmp) / WEIGHTS))
+                torch.save(
+                    {
+                        "epoch": epoch + 1,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    Path(tmp) / STATE,
+                )
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in row.items() if k != "start_epoch"}, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_name(p: FinetuneParams, seed: int, entry: Mapping[str, Any], data: str, init: str) -> str:
+    """``finetune-<hash>`` of the section, seed, searched entry, data and initial weights."""
+    blob = json.dumps(
+        {"p": p.model_dump(mode="json"), "seed": seed, "entry": entry, "data": data, "init": init},
+        sort_keys=True,
+    )
+    return f"finetune-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_config(entry: Mapping[str, Any], num_classes: int, img_size: int) -> dict[str, Any]:
+    """The searched ``build_model`` config, checked against the data's classes."""
+    cfg = dict(entry["model"])
+    if int(cfg.get("num_classes", num_classes)) != num_classes:
+        raise ParamsError(
+            f"best.json's model has num_classes={cfg['num_classes']} but the prepared data has "
+            f"{num_classes} classes; rerun `gattn tune` on this data"
+        )
+    cfg["num_classes"] = num_classes
+    if "img_size" in cfg:
+        cfg["img_size"] = img_size
+    return cfg
+
+
+def finetune(
+    p: FinetuneParams,
+    seed: int = 0,
+    best_json: Path = BEST_JSON,
+    pretrained: Path = PRETRAINED,
+    prepared: Path = PREPARED,
+    out_dir: Path = MODELS,
+    reports_dir: Path = REPORTS,
+    model_name: str | None = None,
+    fail_at_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Run the stage; returns ``{"metrics", "history", "init", "run_name", "registered"}``.
+
+    Args:
+        p: The ``finetune`` section.
+        seed: The global seed.
+        best_json: The search's result (``models/tune/best.json``).
+        pretrained: The pretrain stage's folder (``encoder.safetensors``); used when
+            ``p.init == "pretrained"``.
+        prepared: The prepare stage's output folder.
+        out_dir: The model folder to write.
+        reports_dir: Where metrics, history and the init report go.
+        model_name: Register the model under this name with alias ``champion`` in the
+            current MLflow store (``None``: do not register).
+        fail_at_epoch: Fault injection for tests (see :func:`pipelines.pretrain.pretrain`).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.registry import register
+
+    prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
+    budget, entry = load_best(best_json, p.budget_gib)
+    info = json.loads((prepared / "splits.json").read_text())
+    task = "seg" if info["kind"] == "seg" else "cls"
+    if entry["model"].get("task", "cls") != task:
+        raise ParamsError(
+            f"best.json's model is for task {entry['model'].get('task')!r}, data is {task!r}"
+        )
+    classes = list(info["classes"])
+    size = img_size_of(entry)
+    cfg = model_config(entry, len(classes), size)
+    encoder = Path(pretrained) / ENCODER
+    if p.init == "pretrained" and not encoder.is_file():
+        raise FileNotFoundError(
+            f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
+        )
+    init_hash = _file_hash(encoder) if p.init == "pretrained" else "scratch"
+    name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
+    storage = Path(p.storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    train_cfg = entry.get("train", {})
+    loop_config = {
+        "params": p.model_dump(mode="json"),
+        "seed": seed,
+        "model": cfg,
+        "task": task,
+        "num_classes": len(classes),
+        "img_size": size,
+        "lr": p.lr or float(train_cfg["lr"]),
+        "batch_size": p.batch_size or int(train_cfg["batch_size"]),
+        "pretrained": str(encoder.resolve()) if p.init == "pretrained" else None,
+        "prepared": str(prepared.resolve()),
+        "fail_at_epoch": fail_at_epoch,
+        "fail_flag": str(storage / f"{name}.injected-failure"),
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    started = start_local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
+    try:
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"finetune run {name} produced no checkpoint: {result.error}")
+
+    model = build_model(cfg)
+    init = init_report(model, encoder if p.init == "pretrained" else None)
+    with result.checkpoint.as_directory() as d:
+        history = json.loads((Path(d) / HISTORY).read_text())
+        model.load_state_dict(load_file(str(Path(d) / BEST)))
+    metric = METRIC[task]
+    best_row = max(history, key=lambda h: h["val_metric"])
+    meta = {
+        "task": task,
+        "classes": classes,
+        "img_size": size,
+        "metric": metric,
+        "best_score": float(best_row["val_metric"]),
+        "best_epoch": int(best_row["epoch"]),
+        "budget_gib": float(budget),
+        "trial": entry.get("trial"),
+        "run_name": name,
+    }
+    work = staging_dir(out_dir)
+    save_model(model, cfg, work, **meta)
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    columns = [
+        "epoch",
+        "train_loss",
+        "val_metric",
+        "val_accuracy",
+        "val_miou",
+        "lr",
+        "images_per_s",
+    ]
+    write_csv(reports_dir / "history.csv", [{c: h[c] for c in columns} for h in history], columns)
+    write_json(reports_dir / "init.json", {"init": p.init, **init})
+    final = history[-1]
+    metrics = {
+        "metric": metric,
+        "best_score": meta["best_score"],
+        "best_epoch": meta["best_epoch"],
+        "epochs": int(final["epoch"]),
+        "final_train_loss": float(final["train_loss"]),
+        "first_train_loss": float(history[0]["train_loss"]),
+        "images_per_s": float(final["images_per_s"]),
+        "resumed_from_epoch": int(final["start_epoch"]),
+        "pretrained_matched": len(init["matched"]),
+        "pretrained_missing": len(init["missing"]),
+        "pretrained_unexpected": len(init["unexpected"]),
+        "pretrained_shape_mismatch": len(init["shape_mismatch"]),
+        "budget_gib": float(budget),
+        "wall_s": wall,
+    }
+    write_json(reports_dir / "metrics.json", metrics)
+    registered = None
+    if model_name:  # last, so that a failed stage registers nothing
+        registered = {"name": model_name, "version": register(work, model_name)}
+        write_json(work / CONFIG, {**read_config(work), "registered": registered})
+    publish_dir(work, out_dir)
+    return {
+        "metrics": metrics,
+        "history": history,
+        "init": init,
+        "run_name": name,
+        "registered": registered,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_arguments(parser)
+    parser.add_argument("--best", type=Path, default=BEST_JSON, help="the search's best.json")
+    parser.add_argument(
+        "--pretrained", type=Path, default=PRETRAINED, help="pretrained encoder folder"
+    )
+    parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
+    parser.add_argument("--out", type=Path, default=MODELS, help="model folder to write")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines import tracking
+
+    params = load_params(args.params, args.overrides)
+    with tracking.stage_run(
+        "finetune", params.model_dump(include={"seed", "finetune"}), params.tracking.experiment
+    ):
+        out = finetune(
+            params.finetune,
+            params.seed,
+            args.best,
+            args.pretrained,
+            args.data,
+            args.out,
+            args.reports,
+            model_name=params.tracking.model_name,
+        )
+        for row in out["history"]:
+            mlflow.log_metrics(
+                {
+                    f"epoch_{k}": float(v)
+                    for k, v in row.items()
+                    if k not in ("epoch", "start_epoch") and isinstance(v, int | float)
+                },
+                step=int(row["epoch"]),
+            )
+        mlflow.log_metrics({k: float(v) for k, v in out["metrics"].items() if k != "metric"})
+        mlflow.set_tags(
+            {
+                "gattn.ray_run": out["run_name"],
+                "gattn.metric": out["metrics"]["metric"],
+                "gattn.registered_version": str(out["registered"]["version"]),
+            }
+        )
+        mlflow.log_artifacts(str(args.reports), artifact_path="finetune")
+    print(f"finetune: {json.dumps(out['metrics'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipelines.cli import main
+
+    sys.exit(main(["finetune", *sys.argv[1:]]))

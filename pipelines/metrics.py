@@ -1,0 +1,69 @@
+"""Classification and segmentation scores shared by the finetune and evaluate stages.
+
+torchmetrics accumulates over batches (and, where a process group is up, across workers):
+accuracy (of images, or of labelled pixels), per-class IoU (Jaccard) with classes absent from
+both prediction and target left out of the mean (``nan``, not 0), and the confusion matrix.
+Segmentation targets use 255 as "ignore".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassJaccardIndex,
+)
+
+IGNORE_INDEX = 255
+Task = Literal["seg", "cls"]
+METRIC = {"seg": "miou", "cls": "accuracy"}  # the selection metric of each task
+
+
+def task_metrics(task: Task, num_classes: int) -> MetricCollection:
+    """Accuracy, per-class IoU and the confusion matrix for ``task``'s targets."""
+    ignore = IGNORE_INDEX if task == "seg" else None
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore),
+            "iou": MulticlassJaccardIndex(
+                num_classes, average="none", ignore_index=ignore, zero_division=math.nan
+            ),
+            "confusion": MulticlassConfusionMatrix(num_classes, ignore_index=ignore),
+        }
+    )
+
+
+def summarise(values: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``{accuracy, miou, per_class_iou, confusion}`` (plain floats and lists) of a computed
+    :func:`task_metrics` collection. ``miou`` averages the classes that occur."""
+    iou = values["iou"].double()
+    present = iou[~iou.isnan()]
+    return {
+        "accuracy": float(values["accuracy"]),
+        "miou": float(present.mean()) if present.numel() else math.nan,
+        "per_class_iou": [None if math.isnan(v) else float(v) for v in iou.tolist()],
+        "confusion": values["confusion"].long().tolist(),
+    }
+
+
+@torch.no_grad()
+def score(
+    predict: Any,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    task: Task,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """:func:`summarise` of ``predict(images)`` (logits or probabilities, class dim 1) over
+    ``(images, targets)`` batches."""
+    metrics = task_metrics(task, num_classes).to(device)
+    for images, targets in batches:
+        out = predict(images.to(device))
+        metrics.update(out.argmax(1), targets.to(device))
+    return summarise(metrics.compute())

@@ -1,0 +1,220 @@
+"""The finetune stage: pretrained weights by name, layer-wise decay, Ray Train run, registry."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gattn.data.views import seg_eval_transform
+from gattn.models import build_model, load_model
+from pipelines.cli import main
+from pipelines.config import FinetuneParams, Params, ParamsError, PretrainParams
+from pipelines.finetune import layer_id, load_best, load_pretrained, param_groups
+from pipelines.metrics import score
+from pipelines.prepare import open_split, prepare
+from pipelines.pretrain import ENCODER, encoder_config
+from pipelines.registry import resolve_model
+
+ray = pytest.importorskip("ray")
+
+VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+SEG = {
+    "task": "seg",
+    "backbone": "gattn_vit_global",
+    "backbone_kwargs": VIT,
+    "num_classes": 4,
+    "in_chans": 3,
+    "img_size": 32,
+    "head": "fcn",
+    "head_channels": 16,
+}
+
+
+def best_json(path: Path, model: dict, budgets=("0.5", "1.0")) -> Path:
+    entry = {
+        "trial": "t0",
+        "model": model,
+        "train": {"lr": 2e-3, "batch_size": 4, "img_size": model["img_size"]},
+        "quality": 0.1,
+        "metric": "miou",
+        "peak_memory_gib": 0.1,
+        "images_per_s": 10.0,
+        "params": 1000,
+    }
+    best = {
+        "task": model["task"],
+        "budgets_gib": [float(b) for b in budgets],
+        "per_budget": {budgets[0]: None, budgets[1]: entry},
+        "selected_budget": budgets[1],
+    }
+    path.write_text(json.dumps(best))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretrain-stage output folder: a seeded ViT encoder and the config that rebuilds it."""
+    out = tmp_path_factory.mktemp("pretrained")
+    cfg = encoder_config(PretrainParams(img_size=32, backbone_kwargs=VIT))
+    torch.manual_seed(123)
+    encoder = build_model(cfg)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(out / ENCODER))
+    (out / "config.json").write_text(json.dumps({"model": cfg, "img_size": 32}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    data = {"num_samples": 20, "image_size": 32, "large": {"num_samples": 0}, "grid_samples": 2}
+    prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
+    return root / "prepared"
+
+
+def test_pretrained_weights_load_by_name_into_a_segmenter(pretrained: Path) -> None:
+    weights = load_file(str(pretrained / ENCODER))
+    torch.manual_seed(0)
+    model = build_model(SEG)
+    report = load_pretrained(model, weights)
+    state = model.state_dict()
+    assert report["prefix"] == "encoder.model."
+    name = "encoder.model.blocks.1.attn.qkv.weight"
+    assert name in report["matched"]
+    torch.testing.assert_close(state[name], weights["blocks.1.attn.qkv.weight"], rtol=0, atol=0)
+    assert len(report["matched"]) == len(weights) - len(report["unexpected"])
+    assert all(k.startswith("head.") for k in report["missing"])  # only the new decoder
+    assert report["shape_mismatch"] == {} and report["resampled"] == []
+
+    # Another input size: the position embedding is resampled, not dropped.
+    bigger = build_model({**SEG, "img_size": 48})
+    report = load_pretrained(bigger, weights)
+    assert report["resampled"] == ["encoder.model.pos_embed"]
+    patch = bigger.encoder.model.patch_embed.patch_size[0]
+    resampled = bigger.state_dict()["encoder.model.pos_embed"]
+    assert resampled.shape[1] == (48 // patch) ** 2 != weights["pos_embed"].shape[1]
+
+    # A different head width is a reported shape mismatch, the rest still loads.
+    cls = build_model(
+        {
+            "task": "cls",
+            "backbone": "gattn_vit_global",
+            "num_classes": 3,
+            "img_size": 32,
+            "backbone_kwargs": {**VIT, "mlp_ratio": 2.0},
+        }
+    )
+    report = load_pretrained(cls, weights)
+    assert "blocks.0.mlp.fc1.weight" in report["shape_mismatch"]
+    assert "blocks.0.attn.qkv.weight" in report["matched"]
+    assert "head.weight" in report["missing"]
+
+
+def test_layer_decay_scales_depth_and_skips_decay_on_biases() -> None:
+    assert layer_id("encoder.model.patch_embed.proj.weight", 2) == 0
+    assert layer_id("encoder.model.blocks.0.attn.qkv.weight", 2) == 1
+    assert layer_id("layer3.1.conv1.weight", 4) == 4
+    assert layer_id("head.conv_seg.weight", 2) == 3
+    model = build_model(SEG)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    scale = {n: by_param[id(p)]["lr_scale"] for n, p in named.items()}
+    assert scale["encoder.model.patch_embed.proj.weight"] == 0.5**3
+    assert scale["encoder.model.blocks.0.attn.qkv.weight"] == 0.5**2
+    assert scale["encoder.model.blocks.1.attn.qkv.weight"] == 0.5
+    assert scale["head.conv_seg.weight"] == 1.0
+    assert by_param[id(named["encoder.model.blocks.0.attn.qkv.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["encoder.model.pos_embed"])]["weight_decay"] == 0.0
+    assert by_param[id(named["encoder.model.blocks.0.attn.qkv.weight"])]["weight_decay"] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_load_best_picks_the_budget(tmp_path: Path) -> None:
+    path = best_json(tmp_path / "best.json", SEG)
+    assert load_best(path)[0] == "1.0"
+    assert load_best(path, 1.0)[1]["model"] == SEG
+    with pytest.raises(ParamsError, match="no searched config fits"):
+        load_best(path, 0.5)
+    with pytest.raises(ParamsError, match="not a searched budget"):
+        load_best(path, 3.0)
+    with pytest.raises(FileNotFoundError, match="gattn tune"):
+        load_best(tmp_path / "missing.json")
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_cli_finetunes_keeps_the_best_epoch_and_registers_the_champion(
+    tmp_path: Path, prepared: Path, pretrained: Path, ray_local: None
+) -> None:
+    section = {
+        "epochs": 2,
+        "warmup_epochs": 0.5,
+        "cpus_per_worker": 1,
+        "storage": str(tmp_path / "ray"),
+    }
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"finetune": section, "tracking": {"model_name": "tiny-seg"}}))
+    models, reports = tmp_path / "finetuned", tmp_path / "reports"
+    args = ["--params", str(params), "--data", str(prepared), "--pretrained", str(pretrained)]
+    args += ["--best", str(best_json(tmp_path / "best.json", SEG))]
+    assert main(["finetune", *args, "--out", str(models), "--reports", str(reports)]) == 0
+
+    model, cfg = load_model(models)
+    assert cfg["task"] == "seg" and cfg["metric"] == "miou" and cfg["img_size"] == 32
+    assert cfg["classes"] == json.loads((prepared / "splits.json").read_text())["classes"]
+    assert cfg["registered"] == {"name": "tiny-seg", "version": 1}
+    with open(reports / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert cfg["best_score"] == pytest.approx(max(float(r["val_metric"]) for r in history))
+    # The saved weights are the best epoch's: rescoring them on val gives the recorded score.
+    val = open_split("val", prepared, seg_eval_transform(32))
+    batches = torch.utils.data.DataLoader(val, batch_size=8)
+    assert score(model, batches, "seg", 4)["miou"] == pytest.approx(cfg["best_score"], abs=1e-6)
+
+    init = json.loads((reports / "init.json").read_text())
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert len(init["matched"]) == metrics["pretrained_matched"] > 0
+    assert metrics["best_score"] == cfg["best_score"]
+
+    # The champion in the registry is this model, weight for weight.
+    champion = resolve_model("models:/tiny-seg@champion", cache_dir=tmp_path / "cache")
+    ours, theirs = (
+        load_file(str(models / "model.safetensors")),
+        load_file(str(champion / "model.safetensors")),
+    )
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    run = mlflow.search_runs(experiment_names=["gattn"], output_format="list")[0]
+    assert run.data.tags["gattn.registered_version"] == "1"
+    assert run.data.metrics["best_score"] == pytest.approx(cfg["best_score"])
+
+
+def test_finetune_section_is_validated() -> None:
+    with pytest.raises(ValueError, match="crop_scale"):
+        FinetuneParams(crop_scale=(0.8, 0.5))
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        FinetuneParams(epochs=1, warmup_epochs=1)

@@ -1,0 +1,79 @@
+"""The MLflow Model Registry round trip: safetensors + config in, the same outputs out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from gattn.models import build_model, load_model, save_model
+from pipelines import tracking
+from pipelines.registry import register, resolve_model
+
+CFG = {"task": "seg", "backbone": "gattn_local_cnn", "num_classes": 3, "head": "fcn"}
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    return save_model(model, CFG, tmp_path / "model", classes=["bg", "a", "b"], img_size=32)
+
+
+@pytest.mark.slow
+def test_register_resolve_round_trip_gives_identical_outputs(tmp_path: Path, model_dir: Path):
+    original, _ = load_model(model_dir)
+    x = torch.rand(2, 3, 40, 36)
+    with torch.no_grad():
+        expected = original(x)
+    with tracking.stage_run("finetune", {}, "gattn", root=tmp_path) as run:
+        assert register(model_dir, "tiny") == 1
+        assert register(model_dir, "tiny") == 2
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias("tiny", "champion").version) == 2
+    assert client.get_model_version("tiny", "1").run_id == run.info.run_id
+
+    cache = tmp_path / "cache"
+    local = resolve_model("models:/tiny@champion", cache_dir=cache)
+    assert local.is_relative_to(cache)
+    model, cfg = load_model(local)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert cfg["classes"] == ["bg", "a", "b"] and cfg["img_size"] == 32
+    assert cfg["registered"] == {"name": "tiny", "version": 2}
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+
+    # A version number works too; a second resolve reuses the download.
+    v1 = resolve_model("models:/tiny/1", cache_dir=cache)
+    assert (
+        v1 != local and json.loads((v1 / "config.json").read_text())["registered"]["version"] == 1
+    )
+    stamp = (local / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("models:/tiny@champion", cache_dir=cache) == local
+    assert (local / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # The pyfunc (models from code) predicts the same logits; nothing pickled is stored.
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny@champion")
+    np.testing.assert_array_equal(pyfunc.predict(x.numpy()), expected.numpy())
+    stored = Path(
+        mlflow.artifacts.download_artifacts("models:/tiny/2", dst_path=str(tmp_path / "raw"))
+    )
+    suffixes = {p.suffix for p in stored.rglob("*") if p.is_file()}
+    assert not suffixes & {".pkl", ".pickle", ".pt", ".pth", ".joblib"}
+    assert (stored / "pyfunc_model.py").is_file()
+
+    with pytest.raises(FileNotFoundError, match="gattn finetune"):
+        resolve_model("models:/missing@champion", cache_dir=cache)
+
+
+def test_resolve_checks_paths_and_uris(tmp_path: Path, model_dir: Path):
+    assert resolve_model(model_dir) == model_dir
+    assert resolve_model(str(model_dir)) == model_dir
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        resolve_model(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
+        resolve_model("models:/a/b/c")
