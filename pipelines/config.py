@@ -8,6 +8,7 @@ equal to 16 (got 4)``.
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -150,13 +151,32 @@ class DinoParams(Section):
     warmup_teacher_temp_epochs: int = Field(0, ge=0)
 
 
+class ProbeParams(Section):
+    """Frozen-feature evaluation at the end of ``pretrain``: a weighted k-NN and a linear probe
+    of the pretrained encoder and of the same encoder at its random initialisation.
+
+    Image-level labels: a classification task's own; for segmentation, the most frequent
+    non-background class of the mask (the cue class on ``cue-seg``). The probes are fitted on
+    the train split (at most ``max_train`` images) and scored on ``split``.
+    """
+
+    enabled: bool = True
+    k: int = Field(20, ge=1)  # neighbours of the k-NN vote
+    temperature: float = Field(0.07, gt=0)  # k-NN vote weight exp(cosine / temperature)
+    weight_decay: float = Field(1e-3, gt=0)  # linear probe L2 penalty
+    split: Literal["val", "test"] = "val"
+    max_train: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
 class PretrainParams(Section):
     """The ``pretrain`` stage: self-supervised pretraining of an encoder on Ray Train.
 
     ``batch_size`` is per worker; ``lr`` is the peak learning rate after ``warmup_epochs``,
     decaying (cosine) to ``min_lr``. ``storage`` holds Ray's run folders (checkpoints); a run
-    is named from a hash of this section and ``seed``, so a rerun of the same config resumes
-    and a changed config starts afresh.
+    is named from a hash of this section (less ``probe`` and ``log_every_n_steps``, which do not
+    change training) and ``seed``, so a rerun of the same config resumes and a changed config
+    starts afresh.
     """
 
     method: Literal["mae", "dino"] = "mae"
@@ -176,8 +196,10 @@ class PretrainParams(Section):
     use_gpu: bool = False
     max_failures: int = Field(1, ge=0)
     storage: str = Field("outputs/ray", min_length=1)
+    log_every_n_steps: int = Field(5, ge=1)  # per-step metrics (loss, lr, DINO collapse stats)
     mae: MaeParams = MaeParams()
     dino: DinoParams = DinoParams()
+    probe: ProbeParams = ProbeParams()
 
     @model_validator(mode="after")
     def _check(self) -> PretrainParams:
@@ -188,6 +210,235 @@ class PretrainParams(Section):
         return self
 
 
+class ServeParams(Section):
+    """The ``deploy`` stage and ``gattn serve``: the Ray Serve app, its limits and resources.
+
+    ``model`` is a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) or a model
+    folder; ``null`` serves the version the finetune stage registered (pinned, from
+    ``models/finetuned/config.json``). ``auth_token_env`` names an environment variable that
+    holds a bearer token (``null``: no auth); the token itself is never written to a file.
+    """
+
+    model: str | None = None
+    app_name: str = Field("gattn", min_length=1)
+    route_prefix: str = Field("/", pattern=r"^/")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)  # per replica; also its torch threads (at least 1)
+    num_gpus: float = Field(0.0, ge=0)  # per replica
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; >= max_batch_size
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    max_pixels: int = Field(2048 * 2048, ge=1)
+    top_k: int = Field(5, ge=1)
+    overlap: float = Field(0.25, ge=0, lt=1)  # sliding-window overlap, fraction of the window
+    tta_scales: tuple[float, ...] = Field((0.75, 1.0, 1.25), min_length=1)
+    auth_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeParams:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                "max_ongoing_requests must be >= max_batch_size (or batches stay small)"
+            )
+        if any(s <= 0 for s in self.tta_scales):
+            raise ValueError("tta_scales must be positive")
+        return self
+
+
+class FinetuneParams(Section):
+    """The ``finetune`` stage: supervised training of the config the search chose, on Ray Train.
+
+    The model and its ``lr``/``batch_size`` come from ``models/tune/best.json`` at
+    ``budget_gib`` (``null``: the search's ``selected_budget``); ``lr``/``batch_size`` here
+    override them. ``init: pretrained`` loads ``models/pretrained`` weights by name where the
+    shapes match. ``layer_decay < 1`` scales each layer's learning rate by
+    ``layer_decay ** (depth - layer)`` (embeddings least, the head fully). ``crop_scale`` is the
+    area range of random crops (``[1, 1]``: whole images, as a cue anywhere must stay visible).
+    Global-context feedback is learnt for segmenters whose head takes a context: a
+    ``context_crop`` share of the batches become one window (a crop of ``context_crop_scale``
+    of the area, resized back) while the context vector comes from the whole image, as in
+    sliding-window inference with ``global_context="auto"``.
+    """
+
+    budget_gib: float | None = Field(None, gt=0)
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    epochs: int = Field(4, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # per worker; null: best.json's
+    lr: float | None = Field(None, gt=0)  # peak AdamW lr; null: best.json's
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    warmup_epochs: float = Field(0.5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    hflip: bool = True
+    context_crop: float = Field(0.5, ge=0, le=1)
+    context_crop_scale: tuple[float, float] = (0.06, 0.5)
+    max_samples: int | None = Field(None, ge=1)  # first N training images (null: all)
+    max_val_samples: int | None = Field(None, ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(2, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=0)
+    storage: str = Field("outputs/ray", min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        for name in ("crop_scale", "context_crop_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must be [low, high] with 0 < low <= high <= 1")
+        return self
+
+
+class EvaluateParams(Section):
+    """The ``evaluate`` stage: the fine-tuned model on the test split (at its training size)
+    and on the large images (sliding windows of the training size, with and without global
+    feedback), each with and without test-time augmentation (``tta_scales`` + flip).
+
+    ``overlap`` is the window overlap as a fraction of the window; ``erf_images`` test images
+    give the effective receptive field. Test images run ``batch_size`` at a time, large images
+    one at a time (their windows ``window_batch_size`` at a time); ``ms_per_image`` is the
+    median wall time per image.
+    """
+
+    model: str | None = None  # models:/NAME@ALIAS, models:/NAME/N or a folder; null: finetune's
+    batch_size: int = Field(16, ge=1)
+    window_batch_size: int = Field(16, ge=1)
+    overlap: float = Field(0.25, ge=0, lt=1)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    tta_scales: tuple[float, ...] = Field((0.75, 1.0, 1.25), min_length=1)
+    tta_flip: bool = True
+    max_samples: int | None = Field(None, ge=1)  # first N test images (null: all)
+    erf_images: int = Field(8, ge=1)
+    num_threads: int = Field(2, ge=1)  # torch threads of the stage
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateParams:
+        if any(s <= 0 for s in self.tta_scales):
+            raise ValueError("tta_scales must be positive")
+        return self
+
+
+class FamilyParams(Section):
+    """One backbone family of the ``tune`` search: a timm model or ``gattn_*`` recipe and its
+    timm arguments (the pretrained encoder is loaded where ``backbone`` and these match)."""
+
+    backbone: str = Field(min_length=1)
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+_NO_LAYERSCALE = {"ls_init_value": None}  # trained briefly from scratch: no identity start
+DEFAULT_FAMILIES = {
+    "cnn": {"backbone": "gattn_local_cnn"},
+    "swin": {
+        "backbone": "swin_tiny_patch4_window7_224",
+        "backbone_kwargs": {
+            "embed_dim": 32,
+            "depths": [2, 2],
+            "num_heads": [1, 2],
+            "window_size": 4,
+        },
+    },
+    "vit": {"backbone": "gattn_vit_global"},
+}
+DEFAULT_MODULE_SIZES = {
+    "small": {
+        "global_attn": {"num_heads": 2, **_NO_LAYERSCALE},
+        "global_tokens": {"window_size": 4, "num_global_tokens": 2, **_NO_LAYERSCALE},
+        "window_attn": {"window_size": 4, **_NO_LAYERSCALE},
+        "nonlocal": {"sub_sample": 2},
+        "large_kernel": {"kernel_size": 7},
+        "ppm": {"pool_sizes": [1, 2]},
+        "se": {"rd_ratio": 0.25},
+    },
+    "large": {
+        "global_attn": {"num_heads": 4, **_NO_LAYERSCALE},
+        "global_tokens": {"window_size": 8, "num_global_tokens": 8, **_NO_LAYERSCALE},
+        "window_attn": {"window_size": 8, **_NO_LAYERSCALE},
+        "nonlocal": {"sub_sample": 1},
+        "large_kernel": {"kernel_size": 13},
+        "ppm": {"pool_sizes": [1, 2, 3, 6]},
+        "se": {"rd_ratio": 0.0625},
+    },
+}
+
+
+class TuneParams(Section):
+    """The ``tune`` stage: a memory-budgeted search over backbone families, global modules
+    (which, where, how large, how many), resolution and training knobs (Ray Tune, Optuna TPE +
+    ASHA).
+
+    Each trial first estimates the peak memory of one training step at its ``batch_size`` and
+    ``img_size``; a config over ``max(budgets_gib)`` is recorded as infeasible and never
+    trained. The others train ``epochs`` short epochs (on ``max_train_samples`` images) and
+    report quality on ``max_val_samples`` validation images, measured peak memory, images/s and
+    parameters. ``module_sizes`` maps a size name to block options per module (a module absent
+    from a size gets its defaults); ``attn_impls`` picks fused (``scaled_dot_product_attention``)
+    or plain (materialised scores) attention for the attention blocks. ``select_budget`` is the
+    budget whose best config the finetune stage trains (``null``: the largest budget with one).
+    """
+
+    num_samples: int = Field(10, ge=1)
+    budgets_gib: tuple[float, ...] = Field((0.025, 0.05, 0.1), min_length=1)
+    select_budget: float | None = Field(None, gt=0)
+    families: dict[str, FamilyParams] = Field(
+        default_factory=lambda: {k: FamilyParams(**v) for k, v in DEFAULT_FAMILIES.items()},
+        min_length=1,
+    )
+    modules: tuple[str, ...] = Field(
+        ("none", "global_attn", "global_tokens", "window_attn", "nonlocal", "ppm", "se"),
+        min_length=1,
+    )
+    module_sizes: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_MODULE_SIZES), min_length=1
+    )
+    attn_impls: tuple[Literal["fused", "plain"], ...] = Field(("fused", "plain"), min_length=1)
+    positions: tuple[Literal["last", "second_last"], ...] = Field(
+        ("last", "second_last"), min_length=1
+    )
+    num_blocks: tuple[int, ...] = Field((1, 2), min_length=1)
+    heads: tuple[str, ...] = Field(("fcn", "psp"), min_length=1)  # segmentation only
+    head_channels: int = Field(32, ge=1)
+    batch_sizes: tuple[int, ...] = Field((8, 16, 32, 64), min_length=1)
+    img_sizes: tuple[int, ...] = Field((48, 64), min_length=1)
+    lr: tuple[float, float] = (1e-3, 1e-2)  # log-uniform range of the AdamW learning rate
+    weight_decay: float = Field(0.05, ge=0)
+    balance_classes: bool = True  # CE weights 1/sqrt(class frequency) in trials
+    epochs: int = Field(4, ge=1)  # per trial; ASHA may stop a trial after grace_period
+    max_train_samples: int | None = Field(256, ge=1)
+    max_val_samples: int | None = Field(64, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: int = Field(1, ge=1)  # also each trial's torch threads
+    time_budget_s: float | None = Field(240.0, gt=0)  # whole sweep; running trials then stop
+    gpus_per_trial: float = Field(0.0, ge=0)
+    pretrained: bool = True  # start from models/pretrained where the family matches
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    storage: str = Field("outputs/ray", min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneParams:
+        if any(b <= 0 for b in self.budgets_gib):
+            raise ValueError("budgets_gib must be positive (GiB)")
+        if self.select_budget is not None and self.select_budget not in self.budgets_gib:
+            raise ValueError(f"select_budget must be one of budgets_gib {self.budgets_gib}")
+        if not 0 < self.lr[0] <= self.lr[1]:
+            raise ValueError("lr must be a range (low, high) with 0 < low <= high")
+        if min(self.num_blocks) < 1 or min(self.batch_sizes) < 1 or min(self.img_sizes) < 16:
+            raise ValueError("num_blocks, batch_sizes must be >= 1 and img_sizes >= 16")
+        if self.grace_period > self.epochs:
+            raise ValueError("grace_period must not exceed epochs")
+        return self
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -195,6 +446,10 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
     pretrain: PretrainParams = PretrainParams()
+    tune: TuneParams = TuneParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    serve: ServeParams = ServeParams()
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:

@@ -17,8 +17,14 @@ Reads ``seed``, ``tracking`` and ``pretrain`` from params.yaml and ``data/prepar
 
 - ``models/pretrained/``: ``encoder.safetensors`` and ``config.json`` (its ``model`` entry
   rebuilds the encoder with :func:`gattn.models.build_model`);
-- ``reports/pretrain/``: ``metrics.json``, ``loss_curve.csv`` and, for MAE,
-  ``reconstruction.png``.
+- ``reports/pretrain/``: ``metrics.json`` (loss, images/s and the probe accuracies of the
+  pretrained and of the randomly initialised encoder, :mod:`gattn.ssl.probe`),
+  ``loss_curve.csv`` (per epoch), ``curves.png`` (per-step loss and learning rate) and
+  ``objective.png`` (MAE: reconstructions of validation images; DINO: the teacher entropy and
+  KL-to-mean collapse diagnostics per step).
+
+MLflow gets the params, per-step metrics (``step_*``, every ``log_every_n_steps`` steps),
+per-epoch metrics (``epoch_*``), the final metrics, the figures and the encoder.
 """
 
 from __future__ import annotations
@@ -38,11 +44,14 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
 
-from gattn.data.views import MultiCropViews, mae_view
+from gattn.data.views import MultiCropViews, mae_view, to_float
 from gattn.models.build import build_model
 from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure, warmup_cosine
+from gattn.ssl.curves import curves_figure, dino_collapse_references
 from gattn.ssl.dino import momentum_schedule
+from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.prepare import PREPARED, open_split
@@ -51,7 +60,10 @@ from pipelines.ray_utils import start_local_ray
 MODELS = Path("models/pretrained")
 REPORTS = Path("reports/pretrain")
 WEIGHTS, STATE, ENCODER = "model.safetensors", "state.pt", "encoder.safetensors"
-HISTORY = "history.json"  # every epoch's metrics so far, carried across resumes
+HISTORY = "history.json"  # {"epochs": [...], "steps": [...]} so far, carried across resumes
+CHECKPOINT_FORMAT = 2  # part of the run name: a new checkpoint layout never resumes an old one
+NOT_TRAINING = {"probe", "log_every_n_steps"}  # params that leave the run name alone
+STEP_STATS = ("teacher_entropy", "teacher_kl_to_mean")  # DINO's per-step collapse diagnostics
 
 
 class ImageOnly:
@@ -77,9 +89,15 @@ def data_fingerprint(prepared: Path) -> str:
 
 
 def run_name(p: PretrainParams, seed: int, data: str = "") -> str:
-    """``pretrain-<method>-<hash>`` of the section, the seed and a :func:`data_fingerprint`:
-    equal configs on equal data share a run (a rerun resumes), others never do."""
-    config = {"seed": seed, "pretrain": p.model_dump(mode="json"), "data": data}
+    """``pretrain-<method>-<hash>`` of the section's training params, the seed, a
+    :func:`data_fingerprint` and the checkpoint format: equal configs on equal data share a run
+    (a rerun resumes), others never do."""
+    config = {
+        "seed": seed,
+        "pretrain": p.model_dump(mode="json", exclude=NOT_TRAINING),
+        "data": data,
+        "format": CHECKPOINT_FORMAT,
+    }
     blob = json.dumps(config, sort_keys=True)
     return f"pretrain-{p.method}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
@@ -144,13 +162,24 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
 
 
-def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
+def _mean_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean of ``values`` over all workers (reduced on ``device``: NCCL needs the GPU)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
+        reduced = values.to(device)
+        dist.all_reduce(reduced)
+        return reduced.cpu() / dist.get_world_size()
     return values
+
+
+def _means(sums: torch.Tensor, dino: bool) -> dict[str, float]:
+    """Per-image means of summed ``(loss, teacher_entropy, teacher_kl_to_mean, images)``."""
+    count = float(sums[3]) or 1.0
+    out = {"loss": float(sums[0]) / count}
+    if dino:
+        out.update({k: float(v) / count for k, v in zip(STEP_STATS, sums[1:3], strict=True)})
+    return out
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -189,7 +218,7 @@ def train_loop(config: dict[str, Any]) -> None:
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = []
+    history: dict[str, list[dict[str, Any]]] = {"epochs": [], "steps": []}
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
@@ -213,6 +242,8 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     use_amp = device.type == "cuda"
+    dino = dino_loss is not None
+    window = torch.zeros(4, dtype=torch.float64)  # sums since the last logged step
 
     for epoch in range(start_epoch, p.epochs):
         if config.get("fail_at_epoch") == epoch + 1 and rank == 0:
@@ -224,20 +255,22 @@ def train_loop(config: dict[str, Any]) -> None:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, entropy, kl, images
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, entropy, kl (all * images), images
         t0 = time.perf_counter()
         for i, (views, _) in enumerate(loader):
             step = epoch * steps_per_epoch + i
+            lr = scheduler.get_last_lr()[0]
+            batch = torch.zeros(4, dtype=torch.float64)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if dino_loss is None:
                     loss = model(views)[0]
-                    n = views.shape[0]
+                    batch[3] = views.shape[0]
                 else:
                     student, teacher = model(*views)
                     loss, stats = dino_loss(student, teacher, epoch + i / steps_per_epoch)
-                    n = views[0][0].shape[0]
-                    sums[1] += float(stats["teacher_entropy"]) * n
-                    sums[2] += float(stats["teacher_kl_to_mean"]) * n
+                    batch[3] = views[0][0].shape[0]
+                    batch[1:3] = torch.stack([stats[k].float().cpu() for k in STEP_STATS])
+                    batch[1:3] *= batch[3]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if p.grad_clip:
@@ -246,22 +279,23 @@ def train_loop(config: dict[str, Any]) -> None:
             scheduler.step()
             if dino_loss is not None:
                 _unwrap(model).update_teacher(float(momentum[min(step, total - 1)]))
-            sums[0] += float(loss.detach()) * n
-            sums[3] += n
+            batch[0] = float(loss.detach()) * batch[3]
+            sums += batch
+            window += batch
+            if (step + 1) % p.log_every_n_steps == 0 or step + 1 == total:  # on every worker
+                mean = _means(_mean_over_workers(window, device), dino)
+                history["steps"].append({"step": step + 1, **mean, "lr": lr})
+                window.zero_()
         seconds = time.perf_counter() - t0
         images = float(sums[3]) * world
-        sums = _mean_over_workers(sums)
         metrics = {
             "epoch": epoch + 1,
             "start_epoch": start_epoch,
-            "loss": float(sums[0] / sums[3]),
+            **_means(_mean_over_workers(sums, device), dino),
             "images_per_s": images / max(seconds, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }
-        if dino_loss is not None:
-            metrics["teacher_entropy"] = float(sums[1] / sums[3])
-            metrics["teacher_kl_to_mean"] = float(sums[2] / sums[3])
-        history.append(metrics)
+        history["epochs"].append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -296,6 +330,67 @@ def _reconstruction(
     reconstruction_figure(imgs, pred, mask, out, norm_pix_loss=p.mae.norm_pix_loss)
 
 
+def _step_figures(p: PretrainParams, steps: list[dict[str, Any]], reports_dir: Path) -> None:
+    """``curves.png`` (loss, lr per step); for DINO, its collapse diagnostics as
+    ``objective.png`` (MAE's is the reconstruction)."""
+    x = [s["step"] for s in steps]
+    title = f"{p.method.upper()} pretraining, every {p.log_every_n_steps} steps"
+    curves = {k: [s[k] for s in steps] for k in ("loss", "lr")}
+    curves_figure(x, curves, reports_dir / "curves.png", title)
+    if p.method == "dino":
+        curves_figure(
+            x,
+            {k: [s[k] for s in steps] for k in STEP_STATS},
+            reports_dir / "objective.png",
+            "DINO teacher: collapse diagnostics",
+            dino_collapse_references(p.dino.out_dim),
+        )
+
+
+def probe_view(img_size: int) -> ImageOnly:
+    """The probe's deterministic view: resize to the encoder's size, to float (mask untouched)."""
+    return ImageOnly(v2.Compose([v2.Resize((img_size, img_size)), to_float()]))
+
+
+def probe(
+    p: PretrainParams, cfg: dict[str, Any], seed: int, weights: Path, prepared: Path
+) -> dict[str, float]:
+    """k-NN and linear-probe accuracies of the pretrained encoder and of its random init.
+
+    The random encoder is the trained one's starting point: the same seed and the same
+    :func:`build_objective` call as the training workers. Segmentation targets become
+    image-level labels with :func:`gattn.ssl.probe.image_labels`.
+
+    Returns:
+        ``probe_{knn,linear}_acc`` (pretrained), ``probe_{knn,linear}_acc_random``, their
+        differences ``probe_{knn,linear}_gain``, and the image counts.
+    """
+    q = p.probe
+    info = json.loads((Path(prepared) / "splits.json").read_text())
+    target_fn = image_labels if info["kind"] == "seg" else None
+    train = open_split("train", prepared, probe_view(p.img_size))
+    if q.max_train:
+        train = Subset(train, range(min(len(train), q.max_train)))
+    query = open_split(q.split, prepared, probe_view(p.img_size))
+    torch.manual_seed(seed)
+    initial = build_objective(p, cfg).encoder_state_dict()
+    out: dict[str, float] = {"probe_num_train": len(train), "probe_num_eval": len(query)}
+    for tag, state in (("", load_file(str(weights))), ("_random", initial)):
+        encoder = build_model(cfg)
+        encoder.load_state_dict(state)
+        sets = [
+            extract_features(encoder, DataLoader(ds, batch_size=q.batch_size), target_fn=target_fn)
+            for ds in (train, query)
+        ]
+        acc = probe_accuracies(
+            *sets, q.k, q.temperature, q.weight_decay, num_classes=len(info["classes"])
+        )
+        out |= {f"probe_{name}{tag}": value for name, value in acc.items()}
+    for m in ("knn", "linear"):
+        out[f"probe_{m}_gain"] = out[f"probe_{m}_acc"] - out[f"probe_{m}_acc_random"]
+    return out
+
+
 def pretrain(
     p: PretrainParams,
     seed: int = 0,
@@ -304,14 +399,15 @@ def pretrain(
     reports_dir: Path = REPORTS,
     fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """Run the stage; returns ``{"metrics", "history", "run_name", "storage"}``.
+    """Run the stage; returns ``{"metrics", "history", "steps", "run_name", "storage"}``
+    (``history``: one row per epoch; ``steps``: one per ``log_every_n_steps`` steps).
 
     Args:
         p: The ``pretrain`` section.
         seed: The global seed.
         prepared: The ``prepare`` stage's output folder.
         out_dir: Where the encoder and its config are written.
-        reports_dir: Where metrics, the loss curve and the reconstruction figure go.
+        reports_dir: Where metrics, the loss curve and the figures go.
         fail_at_epoch: Fault injection for tests: the rank-0 worker raises once at the start
             of this (1-based) epoch; the run must resume from the previous checkpoint.
     """
@@ -364,24 +460,34 @@ def pretrain(
         history = json.loads((Path(d) / HISTORY).read_text())
         shutil.copy(Path(d) / ENCODER, work / ENCODER)
         if p.method == "mae":
-            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "reconstruction.png")
+            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "objective.png")
+    epochs, steps = history["epochs"], history["steps"]
     write_json(
         work / "config.json",
         {"model": cfg, "method": p.method, "run_name": name, "img_size": p.img_size},
     )
-    write_csv(reports_dir / "loss_curve.csv", history, list(history[-1]))
-    final = history[-1]
+    write_csv(reports_dir / "loss_curve.csv", epochs, list(epochs[-1]))
+    _step_figures(p, steps, reports_dir)
+    final = epochs[-1]
     metrics = {
         "epochs": int(final["epoch"]),
         "loss": float(final["loss"]),
-        "first_epoch_loss": float(history[0]["loss"]),
+        "first_epoch_loss": float(epochs[0]["loss"]),
         "images_per_s": float(final["images_per_s"]),
         "resumed_from_epoch": int(final["start_epoch"]),
         "wall_s": wall,
     }
+    if p.probe.enabled:
+        metrics |= probe(p, cfg, seed, work / ENCODER, prepared)
     write_json(reports_dir / "metrics.json", metrics)
     publish_dir(work, out_dir)
-    return {"metrics": metrics, "history": history, "run_name": name, "storage": str(storage)}
+    return {
+        "metrics": metrics,
+        "history": epochs,
+        "steps": steps,
+        "run_name": name,
+        "storage": str(storage),
+    }
 
 
 def load_encoder(out_dir: Path = MODELS) -> nn.Module:
@@ -400,6 +506,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
 
 
+def log_series(rows: list[dict[str, Any]], step_key: str, prefix: str) -> None:
+    """Log every row's numbers as MLflow metrics ``<prefix><name>`` at step ``row[step_key]``."""
+    import mlflow
+
+    for row in rows:
+        values = {
+            f"{prefix}{k}": float(v)
+            for k, v in row.items()
+            if k not in (step_key, "start_epoch") and isinstance(v, int | float)
+        }
+        mlflow.log_metrics(values, step=int(row[step_key]))
+
+
 def run(args: argparse.Namespace) -> int:
     import mlflow
 
@@ -410,16 +529,8 @@ def run(args: argparse.Namespace) -> int:
         "pretrain", params.model_dump(include={"seed", "pretrain"}), params.tracking.experiment
     ):
         out = pretrain(params.pretrain, params.seed, args.data, args.out, args.reports)
-        for row in out["history"]:
-            step = int(row["epoch"])
-            mlflow.log_metrics(
-                {
-                    f"epoch_{k}": float(v)
-                    for k, v in row.items()
-                    if k not in ("epoch", "start_epoch") and isinstance(v, int | float)
-                },
-                step=step,
-            )
+        log_series(out["steps"], "step", "step_")
+        log_series(out["history"], "epoch", "epoch_")
         mlflow.log_metrics({k: float(v) for k, v in out["metrics"].items()})
         mlflow.set_tag("gattn.ray_run", out["run_name"])
         mlflow.log_artifacts(str(args.reports), artifact_path="pretrain")

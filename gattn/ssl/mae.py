@@ -122,7 +122,8 @@ class MaskedAutoencoder(nn.Module):
     Args:
         encoder: A timm ``VisionTransformer`` (e.g. ``timm.create_model("gattn_vit_global",
             num_classes=0)``); its patch and position embedding, prefix tokens, blocks and
-            final norm are used, its head is not.
+            final norm are used and trained; its pooling norm and head are not (they are
+            frozen).
         decoder_dim: Width of the decoder (a multiple of 4, for its 2-D sin-cos positions).
         decoder_depth: Number of decoder blocks.
         decoder_heads: Attention heads per decoder block.
@@ -147,6 +148,12 @@ class MaskedAutoencoder(nn.Module):
         if not isinstance(encoder, VisionTransformer):
             raise TypeError(f"encoder must be a timm VisionTransformer, got {type(encoder)}")
         self.encoder = encoder
+        # MAE trains no pooling or classifier: freeze them, so data-parallel training (DDP)
+        # does not wait for gradients that never come.
+        for name in ("attn_pool", "fc_norm", "head"):
+            part = getattr(encoder, name, None)
+            if isinstance(part, nn.Module):
+                part.requires_grad_(False)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.patch_size: tuple[int, int] = to_2tuple(encoder.patch_embed.patch_size)

@@ -159,6 +159,16 @@ def test_mae_learns_on_a_fixed_batch() -> None:
     assert after < 0.7 * before
 
 
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_every_trainable_parameter_gets_a_gradient(name: str) -> None:
+    """DDP fails on parameters that never get a gradient: MAE freezes the unused pooling."""
+    mae = tiny_mae(ENCODERS[name])
+    mae(torch.rand(2, 3, IMG, IMG), generator=gen())[0].backward()
+    missing = [n for n, p in mae.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert not any(p.requires_grad for p in mae.encoder.fc_norm.parameters())
+
+
 def test_encoder_state_dict_loads_into_the_same_timm_model() -> None:
     mae = tiny_mae()
     fresh = tiny_vit()

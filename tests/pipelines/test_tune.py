@@ -1,0 +1,285 @@
+"""The tune stage: budget screening, failure isolation, outputs, MLflow children, recommend."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+import pipelines.tune as tune_mod
+from gattn.budget import estimate_peak_memory, profiled_peak_memory
+from pipelines.cli import main
+from pipelines.config import Params, ParamsError, TuneParams
+from pipelines.prepare import prepare
+
+ray = pytest.importorskip("ray")
+
+TINY_FAMILIES = {
+    "cnn": {"backbone": "gattn_local_cnn", "backbone_kwargs": {"widths": [8, 16]}},
+    "vit": {
+        "backbone": "gattn_vit_global",
+        "backbone_kwargs": {"embed_dim": 16, "depth": 2, "num_heads": 2, "patch_size": 8},
+    },
+}
+SAMPLE = {
+    "family": "cnn",
+    "module": "global_attn",
+    "module_size": "small",
+    "attn_impl": "fused",
+    "position": "last",
+    "num_blocks": 1,
+    "batch_size": 4,
+    "img_size": 32,
+    "head": "fcn",
+    "lr": 1e-3,
+}
+# Plain attention after the stride-2 stage of a batch of 64 at 64 px: GiBs of scores.
+HUGE = {**SAMPLE, "attn_impl": "plain", "position": "second_last", "batch_size": 64, "img_size": 64}
+# Dilation rates 2, 4, 8 grid (HDC rule): building the block raises.
+CRASH = {**SAMPLE, "module": "dilated"}
+
+
+def tiny(**overrides) -> TuneParams:
+    base = {
+        "num_samples": 3,
+        "budgets_gib": [0.01, 0.1],
+        "families": TINY_FAMILIES,
+        "modules": ["none", "global_attn", "dilated"],
+        "module_sizes": {
+            "small": {"global_attn": {"num_heads": 2}, "dilated": {"rates": [2, 4, 8]}}
+        },
+        "batch_sizes": [4, 64],
+        "img_sizes": [32, 64],
+        "epochs": 2,
+        "max_train_samples": 8,
+        "max_val_samples": 4,
+        "max_concurrent": 2,
+        "points_to_evaluate": [],
+    }
+    return TuneParams.model_validate({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    data = {"num_samples": 20, "image_size": 32, "large": {"num_samples": 0}, "grid_samples": 2}
+    prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def context(prepared: Path) -> dict:
+    return tune_mod.data_context(prepared, None, tiny(), seed=0)
+
+
+def test_over_budget_trial_is_skipped_without_training(
+    context: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(tune_mod, "train_epoch", lambda *a, **k: calls.append(a))
+    reports: list[dict] = []
+    row = tune_mod.run_trial(HUGE, context, reports.append)
+    assert row["status"] == "infeasible"
+    assert calls == []  # no training step ran
+    assert row["steps"] == 0 and row["fits_budgets_gib"] == []
+    assert row["estimated_memory_gib"] > max(tiny().budgets_gib)
+    assert len(reports) == 1 and reports[0]["quality"] == 0.0
+
+
+def test_feasible_trial_trains_and_measures(context: dict) -> None:
+    reports: list[dict] = []
+    row = tune_mod.run_trial(SAMPLE, context, reports.append)
+    assert row["status"] == "ok", row.get("traceback")
+    assert [r["epochs"] for r in reports] == [1, 2]
+    assert row["steps"] == 2 * (8 // 4)
+    assert 0.0 <= row["quality"] <= 1.0 and row["images_per_s"] > 0
+    assert row["params"] == sum(p.numel() for p in tune_mod.build_model(row["model"]).parameters())
+    # The trial's measured peak is the estimator's figure (the same step, real tensors).
+    assert row["peak_memory_gib"] == pytest.approx(row["estimated_memory_gib"], rel=0.15)
+
+
+def test_crashing_and_oom_trials_are_recorded(
+    context: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row = tune_mod.run_trial(CRASH, context, lambda r: None)
+    assert row["status"] == "error" and "gridding" in row["error"]
+    assert row["steps"] == 0 and "Traceback" in row["traceback"]
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(tune_mod, "train_epoch", oom)
+    row = tune_mod.run_trial(SAMPLE, context, lambda r: None)
+    assert row["status"] == "oom" and "out of memory" in row["error"]
+
+
+def test_pretrained_tensors_load_where_the_backbone_matches() -> None:
+    cfg = {"task": "seg", "num_classes": 3, "img_size": 32, "head": "fcn", "head_channels": 8}
+    vit = {**cfg, **TINY_FAMILIES["vit"], "inject": "se@2"}
+    encoder_cfg = {"task": "cls", "num_classes": 0, "img_size": 32, **TINY_FAMILIES["vit"]}
+    encoder = tune_mod.build_model(encoder_cfg)
+    pretrained = {"model": encoder_cfg, "state": encoder.state_dict()}
+    model = tune_mod.build_model(vit)
+    loaded = tune_mod.load_matching(model, vit, pretrained)
+    # All but the pooled classifier's norm, through the features_only and injection wrappers.
+    assert loaded == len([k for k in encoder.state_dict() if not k.startswith("fc_norm.")])
+    block = model.encoder.model.blocks[1].stage  # the injected stage keeps its weights
+    torch.testing.assert_close(block.attn.qkv.weight, encoder.blocks[1].attn.qkv.weight)
+    cnn = {**cfg, **TINY_FAMILIES["cnn"]}
+    assert tune_mod.load_matching(tune_mod.build_model(cnn), cnn, pretrained) == 0
+
+
+def test_estimator_matches_profiler_on_default_space_sample() -> None:
+    """Configs drawn from the default search space (structure as sampled; batch and resolution
+    kept small so the real profiled step is quick)."""
+    p = TuneParams()
+    rng = random.Random(0)
+    for _ in range(3):
+        sample = {
+            "family": rng.choice(sorted(p.families)),
+            "module": rng.choice(p.modules[1:]),
+            "module_size": rng.choice(sorted(p.module_sizes)),
+            "attn_impl": rng.choice(p.attn_impls),
+            "position": rng.choice(p.positions),
+            "num_blocks": rng.choice(p.num_blocks),
+            "head": rng.choice(p.heads),
+            "batch_size": 2,
+            "img_size": 48,
+        }
+        cfg = tune_mod.model_config(sample, p, "seg", 4, 3)
+        reference = profiled_peak_memory(cfg, 2, 48)
+        estimate = estimate_peak_memory(cfg, 2, 48)
+        assert abs(estimate - reference) <= 0.15 * reference, (sample, estimate, reference)
+
+
+def test_pareto_front_matches_brute_force() -> None:
+    rng = random.Random(1)
+    rows = [
+        {"quality": rng.random(), "peak_memory_gib": rng.random(), "images_per_s": rng.random()}
+        for _ in range(30)
+    ]
+    front = tune_mod.pareto_front(rows)
+    for r in rows:
+        beaten = any(
+            o["quality"] >= r["quality"]
+            and o["peak_memory_gib"] <= r["peak_memory_gib"]
+            and o["images_per_s"] >= r["images_per_s"]
+            and o is not r
+            for o in rows
+        )
+        assert (r in front) == (not beaten)
+
+
+def test_unknown_block_is_a_params_error() -> None:
+    with pytest.raises(ParamsError, match="tune.modules"):
+        tune_mod.check_params(tiny(modules=["none", "non_local"]))
+    with pytest.raises(ValueError, match="select_budget"):
+        tiny(select_budget=3.0)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_outputs_and_child_runs(
+    tmp_path: Path, prepared: Path, ray_local: None, capsys: pytest.CaptureFixture
+) -> None:
+    points = [SAMPLE, HUGE, CRASH]
+    section = tiny(storage=str(tmp_path / "ray"), points_to_evaluate=points).model_dump(mode="json")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tune": section}))
+    out, reports = tmp_path / "models" / "tune", tmp_path / "reports" / "tune"
+    args = ["tune", "--params", str(params), "--data", str(prepared)]
+    args += ["--pretrained", str(tmp_path / "none"), "--out", str(out), "--reports", str(reports)]
+    assert main(args) == 0
+
+    with open(reports / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    assert sorted(t["status"] for t in trials) == ["error", "infeasible", "ok"]
+    infeasible = next(t for t in trials if t["status"] == "infeasible")
+    assert infeasible["steps"] == "0" and infeasible["peak_memory_gib"] == ""
+
+    best = json.loads((out / "best.json").read_text())
+    assert best["task"] == "seg" and best["budgets_gib"] == [0.01, 0.1]
+    chosen = best["per_budget"][best["selected_budget"]]
+    assert chosen["model"]["backbone"] == "gattn_local_cnn"
+    assert chosen["model"]["num_classes"] == 4 and chosen["model"]["img_size"] == 32
+    assert chosen["train"]["batch_size"] == 4 and chosen["metric"] == "miou"
+    assert chosen["peak_memory_gib"] <= float(best["selected_budget"])
+    pareto = json.loads((reports / "pareto.json").read_text())
+    assert [p["trial"] for p in pareto["points"]] == [chosen["trial"]]
+    assert (reports / "pareto.png").stat().st_size > 0
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert (metrics["num_ok"], metrics["num_infeasible"], metrics["num_error"]) == (1, 1, 1)
+
+    parent = mlflow.search_runs(
+        experiment_names=["gattn"],
+        filter_string="tags.`gattn.stage` = 'tune'",
+        output_format="list",
+    )
+    assert len(parent) == 1
+    children = mlflow.search_runs(
+        experiment_names=["gattn"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'",
+        output_format="list",
+    )
+    assert sorted(c.data.tags["gattn.status"] for c in children) == ["error", "infeasible", "ok"]
+
+    # The recommendation follows the Pareto file just written.
+    capsys.readouterr()
+    rec = ["recommend", "--task", "seg", "--memory", "12", "--pareto", str(reports / "pareto.json")]
+    assert main([*rec, "--best", str(out / "best.json"), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["source"] == "measured" and answer["choice"]["trial"] == chosen["trial"]
+    tiny_budget = chosen["peak_memory_gib"] / 2
+    rec[4] = str(tiny_budget)
+    assert main([*rec, "--best", str(out / "best.json")]) == 0
+    assert "default table" in capsys.readouterr().out
+
+
+def test_recommend_cli_reads_the_pareto_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def pt(trial: str, quality: float, memory: float) -> dict:
+        return {
+            "trial": trial,
+            "summary": trial,
+            "quality": quality,
+            "metric": "accuracy",
+            "peak_memory_gib": memory,
+            "images_per_s": 10.0,
+            "params": 5,
+            "model": {},
+            "train": {"batch_size": 8, "img_size": 32, "lr": 0.001},
+        }
+
+    pareto = tmp_path / "pareto.json"
+    pareto.write_text(json.dumps({"task": "cls", "points": [pt("a", 0.7, 1.0), pt("b", 0.9, 3.0)]}))
+    base = ["recommend", "--task", "cls", "--pareto", str(pareto), "--best", str(tmp_path / "x")]
+    assert main([*base, "--memory", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "source: measured" in out and "trial a" in out and "needs 3.000 GiB" in out
+    assert main([*base, "--memory", "3"]) == 0
+    assert "trial b" in capsys.readouterr().out
+    pareto.write_text("{not json")
+    assert main([*base, "--memory", "3"]) == 2
+    assert "rerun `gattn tune`" in capsys.readouterr().err
