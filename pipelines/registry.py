@@ -138,9 +138,11 @@ def _download(mv: Any, store: str, dest: Path) -> None:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            f"models:/{mv.name}/{mv.version}", dst_path=tmp, tracking_uri=store, registry_uri=store
-        )
+        # Resolve the version's storage location with a client bound to ``store``: a
+        # ``models:/`` download would consult the process-wide default registry instead.
+        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+        location = client.get_model_version_download_uri(mv.name, mv.version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
         flavor = Model.load(local).flavors["python_function"]
         folder = Path(local) / flavor["artifacts"][MODEL_ARTIFACT]["path"]
         cfg = read_config(folder)

@@ -271,12 +271,6 @@ class GattnModel:
         torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
         device = "cuda" if resources.get("GPU") and torch.cuda.is_available() else "cpu"
         self.token = read_token(self.args.auth_token_env)
-        if self.args.tracking_uri:
-            import mlflow
-
-            # MLflow resolves a models:/ URI's download location in its default store,
-            # whatever store resolve_model is given: make that the configured one.
-            mlflow.set_tracking_uri(self.args.tracking_uri)
         folder = resolve_model(self.args.model, store=self.args.tracking_uri)
         self.predictor = Predictor(folder, self.args.overlap, self.args.tta_scales, device)
         self.ref = model_ref(self.args.model, self.predictor.config)

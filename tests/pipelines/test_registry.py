@@ -69,6 +69,17 @@ def test_register_resolve_round_trip_gives_identical_outputs(tmp_path: Path, mod
     with pytest.raises(FileNotFoundError, match="gattn finetune"):
         resolve_model("models:/missing@champion", cache_dir=cache)
 
+    # An explicit store is honoured even when the process's default store is another one
+    # (a Serve replica or a client pointed elsewhere).
+    store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        elsewhere = resolve_model("models:/tiny/1", cache_dir=tmp_path / "cache2", store=store)
+    finally:
+        mlflow.set_tracking_uri(store)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(elsewhere)[0](x), load_model(v1)[0](x))
+
 
 def test_resolve_checks_paths_and_uris(tmp_path: Path, model_dir: Path):
     assert resolve_model(model_dir) == model_dir
