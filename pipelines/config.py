@@ -385,7 +385,7 @@ class TuneParams(Section):
     budget whose best config the finetune stage trains (``null``: the largest budget with one).
     """
 
-    num_samples: int = Field(10, ge=1)
+    num_samples: int = Field(12, ge=1)
     budgets_gib: tuple[float, ...] = Field((0.025, 0.05, 0.1), min_length=1)
     select_budget: float | None = Field(None, gt=0)
     families: dict[str, FamilyParams] = Field(
@@ -412,7 +412,7 @@ class TuneParams(Section):
     weight_decay: float = Field(0.05, ge=0)
     balance_classes: bool = True  # CE weights 1/sqrt(class frequency) in trials
     epochs: int = Field(4, ge=1)  # per trial; ASHA may stop a trial after grace_period
-    max_train_samples: int | None = Field(256, ge=1)
+    max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(64, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
