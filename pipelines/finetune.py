@@ -57,7 +57,7 @@ from gattn.models.io import CONFIG, read_config
 from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.metrics import IGNORE_INDEX, METRIC, score
+from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score
 from pipelines.prepare import PREPARED, open_split
 from pipelines.pretrain import ENCODER, data_fingerprint
 from pipelines.pretrain import MODELS as PRETRAINED
@@ -302,6 +302,10 @@ def train_loop(config: dict[str, Any]) -> None:
     prepared = Path(config["prepared"])
     train = _subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
     val = _subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
+    weight = None
+    if p.balance_classes:  # the all-background answer must not be the cheapest one
+        targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
+        weight = class_weights(targets, num_classes)
     batch = config["batch_size"]
     drop_last = len(train) >= batch * world
     loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=drop_last)
@@ -330,6 +334,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     loader = ray.train.torch.prepare_data_loader(loader)
     device = ray.train.torch.get_device()
+    weight = None if weight is None else weight.to(device)
     groups = param_groups(getattr(model, "module", model), p.weight_decay, p.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=config["lr"])
 
@@ -369,6 +374,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 loss = F.cross_entropy(
                     logits.float(),
                     targets,
+                    weight=weight,
                     ignore_index=IGNORE_INDEX,
                     label_smoothing=p.label_smoothing,
                 )

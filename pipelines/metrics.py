@@ -67,3 +67,14 @@ def score(
         out = predict(images.to(device))
         metrics.update(out.argmax(1), targets.to(device))
     return summarise(metrics.compute())
+
+
+def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Loss weights ``1 / sqrt(frequency)`` of each class among ``targets`` (pixels or
+    labels; 255 ignored), scaled so the average weight per target is 1; absent classes get
+    the largest weight."""
+    valid = targets[targets != 255].flatten().long()
+    freq = torch.bincount(valid, minlength=num_classes)[:num_classes].double()
+    freq = freq / freq.sum().clamp(min=1)
+    w = freq.clamp(min=freq[freq > 0].min() if (freq > 0).any() else 1.0).rsqrt()
+    return (w / (w * freq).sum().clamp(min=1e-12)).float()

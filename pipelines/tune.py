@@ -62,6 +62,7 @@ from gattn.budget.recommend import best_fitting
 from gattn.models import build_model, model_stages
 from pipelines.config import ParamsError, TuneParams, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
+from pipelines.metrics import class_weights
 from pipelines.prepare import PREPARED, open_split
 
 MODELS = Path("models/tune")
@@ -338,17 +339,6 @@ def _flip(
         x = x.flip(-1)
         y = y.flip(-1) if y.ndim > 1 else y
     return x, y
-
-
-def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Loss weights ``1 / sqrt(frequency)`` of each class among ``targets`` (pixels or
-    labels; 255 ignored), scaled so the average weight per target is 1; absent classes get
-    the largest weight."""
-    valid = targets[targets != 255].flatten().long()
-    freq = torch.bincount(valid, minlength=num_classes)[:num_classes].double()
-    freq = freq / freq.sum().clamp(min=1)
-    w = freq.clamp(min=freq[freq > 0].min() if (freq > 0).any() else 1.0).rsqrt()
-    return (w / (w * freq).sum().clamp(min=1e-12)).float()
 
 
 def measured_step(

@@ -3,7 +3,8 @@ tiny params profile, in a scratch git + DVC repository, under one MLflow parent 
 
 Checks the properties users rely on: every stage runs and is a child run of one parent run;
 a second ``gattn pipeline`` is a no-op (no stage reruns, no new child run); changing one
-param reruns only the stages that read it.
+param reruns only the stage that reads it; the final model is the registry's champion and
+the deploy stage's Serve config points at it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ TINY: dict[str, list[str]] = {
         "pretrain.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
         "pretrain.mae.decoder_dim=16",
         "pretrain.mae.decoder_heads=2",
+        "pretrain.probe.k=3",
+    ],
+    "tune": [
+        "tune.num_samples=2",
+        "tune.budgets_gib=[0.05, 1.0]",
+        "tune.families={cnn: {backbone: gattn_local_cnn}}",
+        "tune.modules=[none, global_attn]",
+        "tune.batch_sizes=[8]",
+        "tune.img_sizes=[32]",
+        "tune.epochs=1",
+        "tune.grace_period=1",
+        "tune.max_train_samples=16",
+        "tune.max_val_samples=8",
+        "tune.time_budget_s=120",
+    ],
+    "finetune": [
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0.0",
+        "finetune.max_samples=16",
+        "finetune.max_val_samples=8",
+        "finetune.cpus_per_worker=1",
+    ],
+    "evaluate": [
+        "evaluate.max_samples=8",
+        "evaluate.erf_images=2",
+        "evaluate.tta_scales=[1.0]",
     ],
 }
 
@@ -51,7 +78,9 @@ def _tiny_params(dst: Path) -> None:
         if section in data:
             for o in overrides:
                 set_override(data, o)
-    data["pretrain"]["storage"] = str(dst / "outputs" / "ray")
+    for section in ("pretrain", "tune", "finetune"):
+        if section in data:
+            data[section]["storage"] = str(dst / "outputs" / "ray")
     (dst / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     load_params(dst / "params.yaml")  # the profile itself must validate
 
@@ -108,14 +137,20 @@ def test_pipeline_runs_every_stage_under_one_parent_and_reruns_only_what_changed
     stage_runs = [r for r in _runs(_mlflow_store) if r.data.tags.get("gattn.stage") != "pipeline"]
     assert len(stage_runs) == len(stages)  # nothing reran
 
-    # One pretrain param changes: prepare is kept, pretrain (and what reads it) reruns.
+    # One evaluate param changes: only the evaluate stage reruns.
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["pretrain"]["lr"] = params["pretrain"]["lr"] / 2
+    params["evaluate"]["max_samples"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _gattn(repo, "pipeline")
     assert third.returncode == 0, third.stderr[-3000:]
     rerun = [r.data.tags["gattn.stage"] for r in _runs(_mlflow_store)]
-    assert rerun.count("prepare") == 1 and rerun.count("pretrain") == 2
+    assert {s: rerun.count(s) for s in stages} == {s: 1 + (s == "evaluate") for s in stages}
+
+    # The champion is registered and the deploy stage's Serve config points at it.
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("gattn-model", "champion")
+    serve_cfg = yaml.safe_load((repo / "models" / "deploy" / "serve_config.yaml").read_text())
+    assert f"gattn-model/{champion.version}" in yaml.safe_dump(serve_cfg)
 
 
 def test_a_bad_params_file_fails_before_any_stage(tmp_path: Path) -> None:
