@@ -33,6 +33,8 @@ def _format(path: Path, err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml's sections)")
+        elif isinstance(e.get("input"), dict):  # a whole section: the message says what
+            lines.append(f"  {loc}: {e['msg']}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -435,6 +437,31 @@ class TuneParams(Section):
             raise ValueError("lr must be a range (low, high) with 0 < low <= high")
         if min(self.num_blocks) < 1 or min(self.batch_sizes) < 1 or min(self.img_sizes) < 16:
             raise ValueError("num_blocks, batch_sizes must be >= 1 and img_sizes >= 16")
+        choices = {
+            "family": list(self.families),
+            "module": self.modules,
+            "module_size": list(self.module_sizes),
+            "attn_impl": self.attn_impls,
+            "position": self.positions,
+            "num_blocks": self.num_blocks,
+            "batch_size": self.batch_sizes,
+            "img_size": self.img_sizes,
+            "head": self.heads,
+        }
+        for i, point in enumerate(self.points_to_evaluate):
+            for key, value in point.items():
+                if key == "lr":
+                    continue
+                if key not in choices:
+                    raise ValueError(
+                        f"points_to_evaluate[{i}]: unknown key {key!r}; "
+                        f"keys: lr, {', '.join(choices)}"
+                    )
+                if value not in choices[key]:
+                    raise ValueError(
+                        f"points_to_evaluate[{i}].{key}: {value!r} is not in tune.{key}s "
+                        f"{choices[key]} (add it there or pick one of them)"
+                    )
         if self.grace_period > self.epochs:
             raise ValueError("grace_period must not exceed epochs")
         return self

@@ -69,3 +69,11 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
         load_params(p, ["data.num_samples=-3"])
     with pytest.raises(ParamsError, match="expected KEY=VALUE"):
         load_params(p, ["data.num_samples"])
+
+
+def test_tune_points_must_lie_in_the_search_space(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"points_to_evaluate\[0\]\.module: 'aspp' is not in"):
+        load_params(write(tmp_path, "tune:\n  points_to_evaluate: [{module: aspp}]\n"))
+    with pytest.raises(ParamsError, match=r"points_to_evaluate\[1\]: unknown key 'depth'"):
+        load_params(write(tmp_path, "tune:\n  points_to_evaluate: [{module: none}, {depth: 3}]\n"))
+    load_params(write(tmp_path, "tune:\n  points_to_evaluate: [{module: ppm, lr: 0.01}]\n"))

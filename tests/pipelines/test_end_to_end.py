@@ -56,6 +56,7 @@ TINY: dict[str, list[str]] = {
         "tune.max_train_samples=16",
         "tune.max_val_samples=8",
         "tune.time_budget_s=120",
+        "tune.points_to_evaluate=[]",
     ],
     "finetune": [
         "finetune.epochs=1",
