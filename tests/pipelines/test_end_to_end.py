@@ -135,8 +135,13 @@ def test_pipeline_runs_every_stage_under_one_parent_and_reruns_only_what_changed
     second = _gattn(repo, "pipeline")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Data and pipelines are up to date" in second.stdout + second.stderr
-    stage_runs = [r for r in _runs(_mlflow_store) if r.data.tags.get("gattn.stage") != "pipeline"]
+    runs = _runs(_mlflow_store)
+    stage_runs = [r for r in runs if r.data.tags.get("gattn.stage") in stages]
     assert len(stage_runs) == len(stages)  # nothing reran
+    # The search's trials are children of the tune stage's run.
+    tune_run = next(r for r in stage_runs if r.data.tags["gattn.stage"] == "tune")
+    trials = [r for r in runs if r.data.tags.get("gattn.stage") == "tune.trial"]
+    assert trials and all(r.data.tags["mlflow.parentRunId"] == tune_run.info.run_id for r in trials)
 
     # One evaluate param changes: only the evaluate stage reruns.
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -144,7 +149,7 @@ def test_pipeline_runs_every_stage_under_one_parent_and_reruns_only_what_changed
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _gattn(repo, "pipeline")
     assert third.returncode == 0, third.stderr[-3000:]
-    rerun = [r.data.tags["gattn.stage"] for r in _runs(_mlflow_store)]
+    rerun = [r.data.tags.get("gattn.stage") for r in _runs(_mlflow_store)]
     assert {s: rerun.count(s) for s in stages} == {s: 1 + (s == "evaluate") for s in stages}
 
     # The champion is registered and the deploy stage's Serve config points at it.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -146,23 +145,6 @@ def test_load_best_picks_the_budget(tmp_path: Path) -> None:
         load_best(path, 3.0)
     with pytest.raises(FileNotFoundError, match="gattn tune"):
         load_best(tmp_path / "missing.json")
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-    )
-    yield
-    ray.shutdown()
-    mp.undo()
 
 
 @pytest.mark.slow

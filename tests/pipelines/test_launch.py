@@ -199,6 +199,7 @@ TINY_TUNE = [
     "tune.num_samples=2",
     "tune.families={cnn: {backbone: gattn_local_cnn}}",
     "tune.modules=[none, se]",
+    "tune.points_to_evaluate=[]",
     "tune.budgets_gib=[0.5, 2.0]",
     "tune.batch_sizes=[4]",
     "tune.img_sizes=[32]",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -39,23 +38,6 @@ TINY = {
     "backbone_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2},
     "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-    )
-    yield
-    ray.shutdown()
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -182,23 +181,6 @@ def test_unknown_block_is_a_params_error() -> None:
         tune_mod.check_params(tiny(modules=["none", "non_local"]))
     with pytest.raises(ValueError, match="select_budget"):
         tiny(select_budget=3.0)
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-    )
-    yield
-    ray.shutdown()
-    mp.undo()
 
 
 @pytest.mark.slow
