@@ -61,7 +61,7 @@ from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score
 from pipelines.prepare import PREPARED, open_split
 from pipelines.pretrain import ENCODER, data_fingerprint
 from pipelines.pretrain import MODELS as PRETRAINED
-from pipelines.ray_utils import start_local_ray
+from pipelines.ray_utils import fit_torch_trainer
 
 BEST_JSON = Path("models/tune/best.json")
 MODELS = Path("models/finetuned")
@@ -485,9 +485,6 @@ def finetune(
             current MLflow store (``None``: do not register).
         fail_at_epoch: Fault injection for tests (see :func:`pipelines.pretrain.pretrain`).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from pipelines.registry import register
 
     prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
@@ -525,34 +522,7 @@ def finetune(
         "fail_at_epoch": fail_at_epoch,
         "fail_flag": str(storage / f"{name}.injected-failure"),
     }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=p.num_workers,
-            use_gpu=p.use_gpu,
-            resources_per_worker={"CPU": p.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=p.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    started = start_local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
-    try:
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        wall = time.perf_counter() - t0
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"finetune run {name} produced no checkpoint: {result.error}")
+    result, wall = fit_torch_trainer(train_loop, loop_config, p, name, storage)
 
     model = build_model(cfg)
     init = init_report(model, encoder if p.init == "pretrained" else None)

@@ -55,7 +55,7 @@ from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.prepare import PREPARED, open_split
-from pipelines.ray_utils import start_local_ray
+from pipelines.ray_utils import fit_torch_trainer
 
 MODELS = Path("models/pretrained")
 REPORTS = Path("reports/pretrain")
@@ -411,17 +411,14 @@ def pretrain(
         fail_at_epoch: Fault injection for tests: the rank-0 worker raises once at the start
             of this (1-based) epoch; the run must resume from the previous checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
     storage = Path(p.storage).resolve()
     name = run_name(p, seed, data_fingerprint(prepared))
     cfg = encoder_config(p)
     storage.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
+    result, wall = fit_torch_trainer(
         train_loop,
-        train_loop_config={
+        {
             "params": p.model_dump(mode="json"),
             "seed": seed,
             "model": cfg,
@@ -429,31 +426,10 @@ def pretrain(
             "fail_at_epoch": fail_at_epoch,
             "fail_flag": str(storage / f"{name}.injected-failure"),
         },
-        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=p.num_workers,
-            use_gpu=p.use_gpu,
-            resources_per_worker={"CPU": p.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=p.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+        p,
+        name,
+        storage,
     )
-    started = start_local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
-    try:
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        wall = time.perf_counter() - t0
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"pretrain run {name} produced no checkpoint: {result.error}")
     work = staging_dir(out_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def start_local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> bool:
@@ -31,3 +35,65 @@ def start_local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> bool:
         configure_logging=False,
     )
     return True
+
+
+def fit_torch_trainer(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    p: Any,
+    name: str,
+    storage: Path,
+) -> tuple[Any, float]:
+    """Run a Ray Train V2 ``TorchTrainer`` the way every training stage does.
+
+    DDP over ``p.num_workers`` workers (NCCL on GPU, gloo on CPU), ``p.cpus_per_worker`` CPUs
+    each, ``p.max_failures`` worker failures survived from the last checkpoint, the two
+    newest checkpoints kept, under ``storage/name`` (so a rerun of the same name resumes).
+    Starts a local Ray when none is up and shuts down only what it started.
+
+    Args:
+        train_loop: The per-worker loop.
+        loop_config: Its config.
+        p: A stage section with ``num_workers``, ``cpus_per_worker``, ``use_gpu`` and
+            ``max_failures``.
+        name: The run name.
+        storage: The run folders' root.
+
+    Returns:
+        ``(result, wall seconds)``.
+
+    Raises:
+        RuntimeError: the run produced no checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    started = start_local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
+    try:
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} produced no checkpoint: {result.error}")
+    return result, wall
