@@ -1,8 +1,8 @@
 """The ``gattn`` command line: one sub-command per pipeline stage or tool.
 
 Each sub-command lives in its own module under ``pipelines/`` and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their
-command runs, so ``gattn --help`` stays fast.
+``add_arguments(parser)`` and ``run(args) -> int``; a module is imported only when its
+command runs, so ``gattn --help`` and every stage start fast.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (to add its arguments), so
+    ``gattn --help`` and each stage start without loading the others (Ray Serve, Tune …)."""
     parser = argparse.ArgumentParser(
         prog="gattn",
         description="Global-context vision models: prepare, pretrain, tune, fine-tune, "
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(p)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(p)
     return parser
 
 
@@ -47,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from gattn.data import DataLayoutError
     from pipelines.config import ParamsError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ParamsError, DataLayoutError) as err:

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gattn.data.views import seg_eval_transform, seg_train_transform
 from gattn.models import build_model, save_model
-from gattn.models.io import CONFIG, read_config
+from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
@@ -61,7 +61,7 @@ from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score
 from pipelines.prepare import PREPARED, open_split
 from pipelines.pretrain import ENCODER, data_fingerprint
 from pipelines.pretrain import MODELS as PRETRAINED
-from pipelines.ray_utils import fit_torch_trainer
+from pipelines.ray_utils import fit_torch_trainer, mean_over_workers
 
 BEST_JSON = Path("models/tune/best.json")
 MODELS = Path("models/finetuned")
@@ -270,19 +270,6 @@ def _subset(ds: Dataset, limit: int | None) -> Dataset:
     return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: build, initialise or resume, train, validate, checkpoint."""
     import ray.train
@@ -387,7 +374,7 @@ def train_loop(config: dict[str, Any]) -> None:
             sums += torch.tensor([float(loss.detach()) * len(images), len(images)])
         seconds = time.perf_counter() - t0
         images_seen = float(sums[1]) * world
-        sums = _mean_over_workers(sums)
+        sums = mean_over_workers(sums, device)
         inner = getattr(model, "module", model)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -407,11 +394,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 row["val_miou"] = scores["miou"]
                 previous = max((h["val_metric"] for h in history), default=-math.inf)
                 if not best or row["val_metric"] >= previous:  # ties: the later epoch
-                    best = _cpu_state(inner)
+                    best = cpu_state_dict(inner)
                 history.append(row)
                 (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 save_file(best, str(Path(tmp) / BEST))
-                save_file(_cpu_state(inner), str(Path(tmp) / WEIGHTS))
+                save_file(cpu_state_dict(inner), str(Path(tmp) / WEIGHTS))
                 torch.save(
                     {
                         "epoch": epoch + 1,

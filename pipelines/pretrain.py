@@ -55,7 +55,7 @@ from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.prepare import PREPARED, open_split
-from pipelines.ray_utils import fit_torch_trainer
+from pipelines.ray_utils import fit_torch_trainer, mean_over_workers
 
 MODELS = Path("models/pretrained")
 REPORTS = Path("reports/pretrain")
@@ -160,17 +160,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-
-
-def _mean_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The mean of ``values`` over all workers (reduced on ``device``: NCCL needs the GPU)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        reduced = values.to(device)
-        dist.all_reduce(reduced)
-        return reduced.cpu() / dist.get_world_size()
-    return values
 
 
 def _means(sums: torch.Tensor, dino: bool) -> dict[str, float]:
@@ -283,7 +272,7 @@ def train_loop(config: dict[str, Any]) -> None:
             sums += batch
             window += batch
             if (step + 1) % p.log_every_n_steps == 0 or step + 1 == total:  # on every worker
-                mean = _means(_mean_over_workers(window, device), dino)
+                mean = _means(mean_over_workers(window, device), dino)
                 history["steps"].append({"step": step + 1, **mean, "lr": lr})
                 window.zero_()
         seconds = time.perf_counter() - t0
@@ -291,7 +280,7 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {
             "epoch": epoch + 1,
             "start_epoch": start_epoch,
-            **_means(_mean_over_workers(sums, device), dino),
+            **_means(mean_over_workers(sums, device), dino),
             "images_per_s": images / max(seconds, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }

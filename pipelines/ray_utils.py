@@ -1,18 +1,22 @@
-"""Starting Ray for a stage: a local instance bound to loopback, or the cluster we run on."""
+"""Ray for a stage: a local instance bound to loopback, or the cluster we run on; the
+TorchTrainer run every training stage shares; the cross-worker mean of its metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 
-def start_local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> bool:
-    """Start a local Ray (127.0.0.1, no dashboard) unless one is up or ``RAY_ADDRESS`` names
-    a cluster (then connect to it). Returns True when this call started Ray, so the caller
-    shuts down only what it started.
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[None]:
+    """Run the block with Ray up: a local Ray (127.0.0.1, no dashboard) unless one is up or
+    ``RAY_ADDRESS`` names a cluster (then connect to it). Shuts down only what it started.
 
     Args:
         num_cpus: Logical CPUs to declare (may exceed the cores when a Tune driver must sit
@@ -21,20 +25,35 @@ def start_local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> bool:
     """
     import ray
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
+    started = not ray.is_initialized()
+    if started and os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
-        return True
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, num_cpus or 0),
-        num_gpus=None if use_gpu else 0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-    )
-    return True
+    elif started:
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, num_cpus or 0),
+            num_gpus=None if use_gpu else 0,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+        )
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def mean_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean of ``values`` over all DDP workers, reduced on ``device`` (NCCL needs the
+    GPU) and returned on the CPU; ``values`` itself outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        reduced = values.to(device)
+        dist.all_reduce(reduced)
+        return reduced.cpu() / dist.get_world_size()
+    return values
 
 
 def fit_torch_trainer(
@@ -49,7 +68,7 @@ def fit_torch_trainer(
     DDP over ``p.num_workers`` workers (NCCL on GPU, gloo on CPU), ``p.cpus_per_worker`` CPUs
     each, ``p.max_failures`` worker failures survived from the last checkpoint, the two
     newest checkpoints kept, under ``storage/name`` (so a rerun of the same name resumes).
-    Starts a local Ray when none is up and shuts down only what it started.
+    Runs inside :func:`local_ray`.
 
     Args:
         train_loop: The per-worker loop.
@@ -84,16 +103,10 @@ def fit_torch_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    started = start_local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
-    try:
+    with local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu):
         t0 = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - t0
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} produced no checkpoint: {result.error}")
     return result, wall

@@ -479,30 +479,26 @@ def cpus_needed(config: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
-    from pipelines.ray_utils import start_local_ray
+    from pipelines.ray_utils import local_ray
 
     config = load_config(args.config)
-    started = start_local_ray(num_cpus=cpus_needed(config))
-    try:
+    with local_ray(num_cpus=cpus_needed(config)):
         try:
-            deploy_config(config)
-        except RuntimeError as err:
-            print(f"gattn serve: error: {err}", file=sys.stderr)
-            return 1
-        http = config.http_options
-        for app in config.applications:
-            print(
-                f"serve: {app.name} at http://{http.host}:{http.port}{app.route_prefix} "
-                f"(docs: {app.route_prefix.rstrip('/')}/docs); Ctrl-C stops"
-            )
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("serve: shutting down")
-    finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+            try:
+                deploy_config(config)
+            except RuntimeError as err:
+                print(f"gattn serve: error: {err}", file=sys.stderr)
+                return 1
+            http = config.http_options
+            for app in config.applications:
+                print(
+                    f"serve: {app.name} at http://{http.host}:{http.port}{app.route_prefix} "
+                    f"(docs: {app.route_prefix.rstrip('/')}/docs); Ctrl-C stops"
+                )
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("serve: shutting down")
+        finally:
+            serve.shutdown()
     return 0

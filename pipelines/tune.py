@@ -710,7 +710,7 @@ def sweep(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.ray_utils import start_local_ray
+    from pipelines.ray_utils import local_ray
 
     metric = "quality"
     searcher = OptunaSearch(
@@ -749,16 +749,10 @@ def sweep(
             verbose=0,
         ),
     )
-    started = start_local_ray(p.max_concurrent * p.cpus_per_trial, resources["gpu"] > 0)
-    try:
+    with local_ray(p.max_concurrent * p.cpus_per_trial, resources["gpu"] > 0):
         t0 = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - t0
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return [_row(r) for r in grid], wall
 
 

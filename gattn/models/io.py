@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +26,12 @@ from .build import build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s state: contiguous tensors with their own storage,
+    as safetensors requires (tied weights are cloned apart)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
 def save_model(model: nn.Module, model_cfg: Mapping[str, Any], out_dir: Path, **meta: Any) -> Path:
@@ -42,7 +49,7 @@ def save_model(model: nn.Module, model_cfg: Mapping[str, Any], out_dir: Path, **
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = cpu_state_dict(model)
     tmp = out_dir / f".{WEIGHTS}.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, out_dir / WEIGHTS)

@@ -80,7 +80,5 @@ def create(name: str, channels: int, **kwargs) -> nn.Module:
     )
     unknown = sorted(set(kwargs) - set(valid))
     if unknown and not accepts_any:
-        raise TypeError(
-            f"block {name!r} got unknown option(s) {unknown}; valid options: {valid}"
-        )
+        raise TypeError(f"block {name!r} got unknown option(s) {unknown}; valid options: {valid}")
     return factory(channels, **kwargs)
