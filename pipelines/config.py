@@ -226,12 +226,15 @@ class ServeParams(Section):
     route_prefix: str = Field("/", pattern=r"^/")
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0)  # per replica; also its torch threads (at least 1)
-    num_gpus: float = Field(0.0, ge=0)  # per replica
+    num_replicas: int = Field(1, ge=1)  # model replicas
+    num_cpus: float = Field(1.0, gt=0)  # per model replica; also its torch threads (at least 1)
+    num_gpus: float = Field(0.0, ge=0)  # per model replica
+    ingress_replicas: int = Field(1, ge=1)  # HTTP replicas (decode, checks, batching)
+    ingress_num_cpus: float = Field(1.0, gt=0)  # per ingress replica
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)  # per replica; >= max_batch_size
+    concurrent_batches: int | None = Field(None, ge=1)  # in flight per ingress (None: replicas)
+    max_ongoing_requests: int = Field(64, ge=1)  # per ingress replica
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     max_pixels: int = Field(2048 * 2048, ge=1)
     top_k: int = Field(5, ge=1)
@@ -241,13 +244,20 @@ class ServeParams(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ServeParams:
-        if self.max_ongoing_requests < self.max_batch_size:
+        if self.max_ongoing_requests < self.max_batch_size * self.batches_in_flight:
             raise ValueError(
-                "max_ongoing_requests must be >= max_batch_size (or batches stay small)"
+                "max_ongoing_requests must be >= max_batch_size x concurrent_batches "
+                "(or batches stay small)"
             )
         if any(s <= 0 for s in self.tta_scales):
             raise ValueError("tta_scales must be positive")
         return self
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches an ingress replica sends at once: ``concurrent_batches``, by default one
+        per model replica (so every model replica stays busy)."""
+        return self.concurrent_batches or self.num_replicas
 
 
 class FinetuneParams(Section):

@@ -3,9 +3,9 @@
 Reads ``serve`` (and ``tracking``) from params.yaml and ``models/finetuned/config.json``;
 writes ``models/deploy/serve_config.yaml`` in the format of ``serve build`` (a
 ``ServeDeploySchema``: ``http_options``, one application whose ``import_path`` is the app
-builder :func:`pipelines.serve.build_app`, its ``args`` and the deployment's replicas and
-resources). Run it with ``gattn serve`` locally, ``serve deploy`` on a cluster, or put it in a
-KubeRay ``RayService``.
+builder :func:`pipelines.serve.build_app`, its ``args``, and the replicas and resources of its
+two deployments, the HTTP ingress and the model). Run it with ``gattn serve`` locally,
+``serve deploy`` on a cluster, or put it in a KubeRay ``RayService``.
 
 The model is ``serve.model`` when set (a ``models:/`` URI or a folder), else the registry
 version the finetune stage registered, pinned (``models:/NAME/VERSION``), so the config is
@@ -67,9 +67,10 @@ def registry_store(uri: str) -> str | None:
 
 def serve_config(p: ServeParams, model: str, store: str | None = None) -> dict[str, Any]:
     """The ``ServeDeploySchema`` dict (``serve build`` format) serving ``model``."""
-    from pipelines.serve import APP_FIELDS, BUILDER, DEPLOYMENT
+    from pipelines.serve import APP_FIELDS, BUILDER, DEPLOYMENT, INGRESS, MODEL_MAX_ONGOING
 
     args: dict[str, Any] = {"model": model, **p.model_dump(mode="json", include=set(APP_FIELDS))}
+    args["concurrent_batches"] = p.batches_in_flight
     if store:
         args["tracking_uri"] = store
     actor: dict[str, Any] = {"num_cpus": p.num_cpus}
@@ -86,11 +87,17 @@ def serve_config(p: ServeParams, model: str, store: str | None = None) -> dict[s
                 "args": args,
                 "deployments": [
                     {
+                        "name": INGRESS,
+                        "num_replicas": p.ingress_replicas,
+                        "max_ongoing_requests": p.max_ongoing_requests,
+                        "ray_actor_options": {"num_cpus": p.ingress_num_cpus},
+                    },
+                    {
                         "name": DEPLOYMENT,
                         "num_replicas": p.num_replicas,
-                        "max_ongoing_requests": p.max_ongoing_requests,
+                        "max_ongoing_requests": MODEL_MAX_ONGOING,
                         "ray_actor_options": actor,
-                    }
+                    },
                 ],
             }
         ],
@@ -105,11 +112,11 @@ def smoke_test(model: str, store: str | None, p: ServeParams) -> dict[str, Any]:
     from pipelines.registry import resolve_model
 
     predictor = Predictor(resolve_model(model, store=store), p.overlap, p.tta_scales)
-    blank = torch.zeros(predictor.in_chans, *predictor.img_size)
+    blank = torch.zeros(predictor.spec.in_chans, *predictor.spec.img_size)
     (result,) = predictor.run([Job(blank, Options())])
     if isinstance(result, Exception):
         raise result
-    return predictor.info()
+    return predictor.spec.info()
 
 
 def deploy(p: ServeParams, finetuned: Path = FINETUNED, out_dir: Path = OUT) -> dict[str, Any]:

@@ -58,10 +58,12 @@ def explain(
         raise FileNotFoundError(f"{image_path}: no such image")
     predictor = Predictor(resolve_model(model))
     with Image.open(image_path) as im:
-        picture = im.convert(predictor.mode)
-    used, heat, target = predictor.explain(predictor.preprocess(picture), METHODS[method], target)
+        picture = im.convert(predictor.spec.mode)
+    used, heat, target = predictor.explain(
+        predictor.spec.preprocess(picture), METHODS[method], target
+    )
     out = Path(out) if out else REPORTS / f"{image_path.stem}_{used}.png"
-    name = predictor.classes[target]
+    name = predictor.spec.classes[target]
     overlay_heatmap(
         np.asarray(picture),
         {f"{used.replace('_', '-')}: {name}": heat},

@@ -101,6 +101,99 @@ def cam_layer(model: nn.Module) -> tuple[str, str | None]:
     raise ValueError(f"feature module {name!r} not found in {type(model).__name__}")
 
 
+@functools.lru_cache(maxsize=8)
+def _transform(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Callable:
+    return to_float(mean, std)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the HTTP side needs to know about a served model, without its weights: the task,
+    the classes, the input size and channels, and how images become its input.
+
+    The serving app's ingress holds one (from :meth:`Predictor.spec`) to validate, decode and
+    preprocess requests in its own process; only batches of ready tensors reach the model.
+    """
+
+    task: str
+    classes: tuple[str, ...]
+    img_size: tuple[int, int]
+    in_chans: int
+    fixed: bool  # needs inputs of img_size (a patch grid): ViT, Swin
+    feedback: bool  # its decode head takes global-context feedback (sliding windows)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, config: dict[str, Any], where: str = "model") -> InputSpec:
+        """The spec of a loaded model and its ``config.json``.
+
+        Raises:
+            ValueError: the config lists the wrong number of classes, names no input size, or
+                the model takes other than 1 or 3 channels.
+        """
+        cfg = config["model"]
+        num_classes = int(cfg["num_classes"])
+        classes = tuple(str(c) for c in config.get("classes") or []) or tuple(
+            str(i) for i in range(num_classes)
+        )
+        if len(classes) != num_classes:
+            raise ValueError(
+                f"{where}/config.json lists {len(classes)} classes for a model with "
+                f"num_classes={num_classes}"
+            )
+        size = config.get("img_size") or cfg.get("img_size")
+        if not size:
+            raise ValueError(f"{where}/config.json names no img_size (the input size)")
+        in_chans = int(cfg.get("in_chans", 3))
+        if in_chans not in (1, 3):
+            raise ValueError(f"serving takes 1- or 3-channel models, not in_chans={in_chans}")
+        head = getattr(model, "head", None)
+        mean, std = config.get("mean"), config.get("std")
+        return cls(
+            task=cfg.get("task", "cls"),
+            classes=classes,
+            img_size=(int(size), int(size)),
+            in_chans=in_chans,
+            fixed=fixed_input_size(model),
+            feedback=getattr(head, "context_proj", None) is not None,
+            mean=tuple(mean) if mean is not None else None,
+            std=tuple(std) if std is not None else None,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def mode(self) -> str:
+        """The PIL mode images are decoded to."""
+        return "L" if self.in_chans == 1 else "RGB"
+
+    def info(self) -> dict[str, Any]:
+        """Task, classes and input size (for ``GET /v1/model``)."""
+        return {
+            "task": self.task,
+            "classes": list(self.classes),
+            "input_size": list(self.img_size),
+            "in_chans": self.in_chans,
+            "fixed_input_size": self.fixed,
+            "global_feedback": self.feedback,
+        }
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image (in :attr:`mode`) as the float tensor ``(C, H, W)`` the model takes,
+        as the training data was (:func:`gattn.data.views.to_float`)."""
+        return _transform(self.mean, self.std)(image).as_subclass(torch.Tensor)
+
+    def use_sliding(self, size: tuple[int, int], options: Options) -> bool:
+        """Whether a segmentation of an image of ``size`` runs on sliding windows."""
+        if options.sliding == "on":
+            return True
+        large = size[0] > self.img_size[0] or size[1] > self.img_size[1]
+        return options.sliding == "auto" and large
+
+
 class Predictor:
     """A loaded model folder answering prediction and explanation requests.
 
@@ -120,71 +213,27 @@ class Predictor:
         device: str = "cpu",
     ) -> None:
         self.model, self.config = load_model(model_dir, device)
-        cfg = self.config["model"]
-        self.task: str = cfg.get("task", "cls")
-        self.num_classes = int(cfg["num_classes"])
-        self.classes: list[str] = [str(c) for c in self.config.get("classes") or []] or [
-            str(i) for i in range(self.num_classes)
-        ]
-        if len(self.classes) != self.num_classes:
-            raise ValueError(
-                f"{model_dir}/config.json lists {len(self.classes)} classes for a model with "
-                f"num_classes={self.num_classes}"
-            )
-        size = self.config.get("img_size") or cfg.get("img_size")
-        if not size:
-            raise ValueError(f"{model_dir}/config.json names no img_size (the input size)")
-        self.img_size = (int(size), int(size))
-        self.in_chans = int(cfg.get("in_chans", 3))
-        self.mode = "L" if self.in_chans == 1 else "RGB"
-        if self.in_chans not in (1, 3):
-            raise ValueError(f"serving takes 1- or 3-channel models, not in_chans={self.in_chans}")
-        self.transform = to_float(self.config.get("mean"), self.config.get("std"))
-        self.overlap = tuple(int(overlap * s) for s in self.img_size)
+        self.spec = InputSpec.of(self.model, self.config, str(model_dir))
+        self.overlap = tuple(int(overlap * s) for s in self.spec.img_size)
         self.tta_scales = tuple(tta_scales)
         self.device = torch.device(device)
-        self.fixed = fixed_input_size(self.model)
-        head = getattr(self.model, "head", None)
-        self.feedback = getattr(head, "context_proj", None) is not None
-
-    def info(self) -> dict[str, Any]:
-        """Task, classes and input size (for ``GET /v1/model``)."""
-        return {
-            "task": self.task,
-            "classes": self.classes,
-            "input_size": list(self.img_size),
-            "in_chans": self.in_chans,
-            "fixed_input_size": self.fixed,
-            "global_feedback": self.feedback,
-        }
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A decoded image (in :attr:`mode`) as the float tensor ``(C, H, W)`` the model takes."""
-        return self.transform(image).as_subclass(torch.Tensor)
-
-    def use_sliding(self, size: tuple[int, int], options: Options) -> bool:
-        """Whether a segmentation of an image of ``size`` runs on sliding windows."""
-        if options.sliding == "on":
-            return True
-        large = size[0] > self.img_size[0] or size[1] > self.img_size[1]
-        return options.sliding == "auto" and large
 
     def _fit(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of ``x``; fixed-size models see it resized (seg logits are resized back)."""
-        if not self.fixed:
+        if not self.spec.fixed:
             return self.model(x)
-        logits = self.model(resize(x, self.img_size))
+        logits = self.model(resize(x, self.spec.img_size))
         return resize(logits, tuple(x.shape[-2:]), False) if logits.ndim == 4 else logits
 
     def _runner(self, size: tuple[int, int], options: Options) -> Runner:
-        if self.task == "seg" and self.use_sliding(size, options):
+        if self.spec.task == "seg" and self.spec.use_sliding(size, options):
             return functools.partial(
                 sliding_window,
                 self.model,
-                window=self.img_size,
+                window=self.spec.img_size,
                 overlap=self.overlap,
                 batch_size=WINDOW_BATCH,
-                global_context="auto" if self.feedback else None,
+                global_context="auto" if self.spec.feedback else None,
             )
         return self._fit
 
@@ -193,11 +242,11 @@ class Predictor:
         """Class probabilities of same-sized images ``(B, C, H, W)``: ``(B, K)`` for a classifier
         (images resized to the input size first), ``(B, K, H, W)`` for a segmenter."""
         images = images.to(self.device)
-        if self.task == "cls":
-            images = resize(images, self.img_size)
+        if self.spec.task == "cls":
+            images = resize(images, self.spec.img_size)
         runner = self._runner(tuple(images.shape[-2:]), options)
         if options.tta:
-            return tta(runner, images, self.tta_scales, flip=True, task=self.task)  # type: ignore[arg-type]
+            return tta(runner, images, self.tta_scales, flip=True, task=self.spec.task)  # type: ignore[arg-type]
         return runner(images).float().softmax(dim=1)
 
     def run(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
@@ -214,7 +263,11 @@ class Predictor:
         for (_, options), members in groups.items():
             try:
                 probs = self.probabilities(torch.stack([jobs[i].image for i in members]), options)
-                out = probs.cpu().numpy() if self.task == "cls" else probs.argmax(1).cpu().numpy()
+                out = (
+                    probs.cpu().numpy()
+                    if self.spec.task == "cls"
+                    else probs.argmax(1).cpu().numpy()
+                )
                 for i, row in zip(members, out, strict=True):
                     results[i] = row
             except Exception as err:  # reported to the requests of this group only
@@ -226,9 +279,9 @@ class Predictor:
         """The class to explain when none is asked for, from one image's probabilities: the
         predicted class (cls), or the largest predicted foreground class (seg; background 0
         when no pixel is foreground)."""
-        if self.task == "cls":
+        if self.spec.task == "cls":
             return int(probs.argmax())
-        counts = torch.bincount(probs.argmax(0).flatten(), minlength=self.num_classes)
+        counts = torch.bincount(probs.argmax(0).flatten(), minlength=self.spec.num_classes)
         return int(counts[1:].argmax()) + 1 if counts[1:].any() else 0
 
     def _rollout(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,13 +319,13 @@ class Predictor:
         if method not in ("auto", "rollout", "grad_cam"):
             raise ValueError(f"method must be 'auto', 'rollout' or 'grad_cam', not {method!r}")
         x = image[None].to(self.device)
-        if self.task == "cls" or self.fixed:
-            x = resize(x, self.img_size)
+        if self.spec.task == "cls" or self.spec.fixed:
+            x = resize(x, self.spec.img_size)
         if target is None:
             target = self.default_target(self.probabilities(x, Options(sliding="off"))[0])
-        if not 0 <= target < self.num_classes:
-            raise ValueError(f"target {target} is not a class id in [0, {self.num_classes})")
-        if method != "grad_cam" and has_attention(self.model) and self.fixed:
+        if not 0 <= target < self.spec.num_classes:
+            raise ValueError(f"target {target} is not a class id in [0, {self.spec.num_classes})")
+        if method != "grad_cam" and has_attention(self.model) and self.spec.fixed:
             try:
                 return "rollout", self._rollout(x).float().cpu().numpy(), target
             except ValueError:  # e.g. window attention: token counts differ between layers

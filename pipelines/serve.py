@@ -1,6 +1,12 @@
 """The Ray Serve app (``gattn serve``): predictions, explanations and model info over HTTP.
 
-A FastAPI ingress deployment (OpenAPI at ``/docs``):
+Two deployments (Ray Serve model composition): ``GattnIngress``, a FastAPI app that checks,
+decodes and preprocesses requests and batches them, and ``GattnModel``, the model replicas
+(``serve.num_replicas`` x ``num_cpus``/``num_gpus``), called once per batch. Keeping HTTP work
+out of the model's process leaves its cores (and its GIL) to the forward passes, and lets the
+two scale apart (CPU ingress replicas in front of GPU model replicas).
+
+The HTTP API (OpenAPI at ``/docs``):
 
 - ``POST /v1/predict``: an image (raw body with ``Content-Type: image/...`` or a
   ``multipart/form-data`` upload in a ``file`` field). Classifiers answer the top-k labels
@@ -12,17 +18,18 @@ A FastAPI ingress deployment (OpenAPI at ``/docs``):
 - ``GET /v1/model``: name, registry version, task, classes, input size, limits.
 - ``GET /healthz``: liveness (no auth).
 
-Dynamic batching: concurrent predictions are queued by ``@serve.batch`` and run together, up
-to ``max_batch_size`` requests or after ``batch_wait_timeout_s`` (adaptive batching as in
+Dynamic batching: concurrent predictions are queued by ``@serve.batch`` in the ingress and run
+together, up to ``max_batch_size`` requests or after ``batch_wait_timeout_s``, with up to
+``concurrent_batches`` batches in flight (one per model replica) (adaptive batching as in
 Clipper, Crankshaw et al. 2017, "Clipper: A Low-Latency Online Prediction Serving System",
 NSDI); same-sized requests of a batch are one forward pass
 (:meth:`pipelines.predictor.Predictor.run`), and each response says how many requests its
 batch held (``batch_size``). Bad input is a 4xx JSON error (:mod:`pipelines.serve_io`);
 optional bearer-token auth reads the token from the environment variable named by
-``auth_token_env`` in the replica's environment.
+``auth_token_env`` in the ingress replicas' environment.
 
 The model is a registry URI (``models:/NAME@champion``) or a model folder, resolved by
-:func:`pipelines.registry.resolve_model` in each replica. ``gattn serve`` runs the config the
+:func:`pipelines.registry.resolve_model` in each model replica. ``gattn serve`` runs the config the
 ``deploy`` stage wrote (``models/deploy/serve_config.yaml``) on a local Ray bound to
 127.0.0.1, until Ctrl-C.
 """
@@ -37,9 +44,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -50,7 +56,7 @@ from pydantic import BaseModel, create_model
 from ray import serve
 
 from pipelines.config import ParamsError, Section, ServeParams
-from pipelines.predictor import Job, Options, Predictor
+from pipelines.predictor import InputSpec, Job, Options, Predictor
 from pipelines.serve_io import (
     FORMATS,
     UPLOAD_FIELD,
@@ -63,11 +69,14 @@ from pipelines.serve_io import (
 )
 
 CONFIG = Path("models/deploy/serve_config.yaml")
-DEPLOYMENT = "GattnModel"
+INGRESS = "GattnIngress"  # HTTP, input checks, decoding, dynamic batching
+DEPLOYMENT = "GattnModel"  # the model replicas: serve.num_replicas x (num_cpus, num_gpus)
+MODEL_MAX_ONGOING = 8  # batches queued per model replica
 BUILDER = "pipelines.serve:build_app"  # import path of the app builder (serve build format)
 APP_FIELDS = (  # ServeParams fields that are app args (the rest: deployment options)
     "max_batch_size",
     "batch_wait_timeout_s",
+    "concurrent_batches",
     "max_body_bytes",
     "max_pixels",
     "top_k",
@@ -76,7 +85,6 @@ APP_FIELDS = (  # ServeParams fields that are app args (the rest: deployment opt
     "auth_token_env",
 )
 _ALIAS = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
-T = TypeVar("T")
 
 # The app's arguments (``args`` of the serve config): the model, where the registry lives, and
 # the request-level settings of ServeParams (same names, defaults and checks).
@@ -251,10 +259,13 @@ def read_token(env_name: str | None) -> str | None:
     return token
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64)
-@serve.ingress(api)
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MODEL_MAX_ONGOING)
 class GattnModel:
-    """One replica: a :class:`~pipelines.predictor.Predictor` behind the HTTP API.
+    """A model replica: a :class:`~pipelines.predictor.Predictor` running whole batches.
+
+    Only :class:`GattnIngress` calls it, once per dynamic batch, so the model's process spends
+    its time in forward passes, not in HTTP parsing and image decoding (which would compete
+    with them for the GIL), and model replicas (CPU or GPU) scale apart from the ingress.
 
     Args:
         args: :data:`AppArgs` as a dict (the serve config's ``args``).
@@ -266,21 +277,59 @@ class GattnModel:
 
         from pipelines.registry import resolve_model
 
-        self.args = AppArgs.model_validate(args)
+        checked = AppArgs.model_validate(args)
         resources = ray.get_runtime_context().get_assigned_resources()
         torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
         device = "cuda" if resources.get("GPU") and torch.cuda.is_available() else "cpu"
-        self.token = read_token(self.args.auth_token_env)
-        folder = resolve_model(self.args.model, store=self.args.tracking_uri)
-        self.predictor = Predictor(folder, self.args.overlap, self.args.tta_scales, device)
-        self.ref = model_ref(self.args.model, self.predictor.config)
+        folder = resolve_model(checked.model, store=checked.tracking_uri)
+        self.predictor = Predictor(folder, checked.overlap, checked.tta_scales, device)
+        self.ref = model_ref(checked.model, self.predictor.config)
         self.lock = threading.Lock()  # one model call at a time (explain hooks the model)
-        self.predict_batch.set_max_batch_size(self.args.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
-    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+    def describe(self) -> tuple[InputSpec, dict[str, Any]]:
+        """What the ingress needs: the model's input spec and its name/version."""
+        return self.predictor.spec, self.ref
+
+    def run(self, jobs: list[Job]) -> list[Any]:
+        """One batch (:meth:`Predictor.run`); a group's error comes back as its result."""
         with self.lock:
-            return fn(*args)
+            return self.predictor.run(jobs)
+
+    def explain(
+        self, image: Any, method: str, target: int | None
+    ) -> tuple[str, np.ndarray, int] | ValueError:
+        """:meth:`Predictor.explain`; a method that does not apply comes back as the error."""
+        with self.lock:
+            try:
+                return self.predictor.explain(image, method, target)  # type: ignore[arg-type]
+            except ValueError as err:
+                return err
+
+
+@serve.deployment(name=INGRESS, max_ongoing_requests=64)
+@serve.ingress(api)
+class GattnIngress:
+    """The HTTP API: checks, decodes and preprocesses requests, batches them dynamically and
+    sends each batch to a :class:`GattnModel` replica in one call.
+
+    Args:
+        model: The handle of the app's :class:`GattnModel` deployment.
+        args: :data:`AppArgs` as a dict (the serve config's ``args``).
+    """
+
+    async def __init__(self, model: Any, args: dict[str, Any]) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # preprocessing only
+        self.args = AppArgs.model_validate(args)
+        self.model = model
+        self.token = read_token(self.args.auth_token_env)
+        self.spec, self.ref = await model.describe.remote()
+        self.predict_batch = serve.batch(
+            max_batch_size=self.args.max_batch_size,
+            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+            max_concurrent_batches=self.args.concurrent_batches or 1,
+        )(self._run_batch)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -292,8 +341,8 @@ class GattnModel:
             raise InputError(401, "unauthorized", "send 'Authorization: Bearer <token>'")
 
     def _decode(self, data: bytes) -> tuple[Any, Any]:
-        image = decode_image(data, self.args.max_pixels, self.predictor.mode)
-        return image, self.predictor.preprocess(image)
+        image = decode_image(data, self.args.max_pixels, self.spec.mode)
+        return image, self.spec.preprocess(image)
 
     async def _image(self, request: Request) -> tuple[Any, Any]:
         """The checked upload: the decoded PIL image and the model's input tensor."""
@@ -302,10 +351,10 @@ class GattnModel:
         data = await image_bytes(request.headers, body)
         return await asyncio.to_thread(self._decode, data)  # off the event loop
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, jobs: list[Job]) -> list[tuple[Any, int]]:
-        """Run a dynamic batch; each result comes back with the batch's size."""
-        results = await asyncio.to_thread(self._locked, self.predictor.run, jobs)
+    async def _run_batch(self, jobs: list[Job]) -> list[tuple[Any, int]]:
+        """Run a dynamic batch on a model replica; each result comes back with the batch's
+        size."""
+        results = await self.model.run.remote(jobs)
         return [(r, len(jobs)) for r in results]
 
     @api.get("/healthz")
@@ -318,7 +367,7 @@ class GattnModel:
         """The served model: name, registry version, task, classes, input size, limits."""
         self._authorize(request)
         limits = self.args.model_dump(include={"max_body_bytes", "max_pixels", "max_batch_size"})
-        return {"model": self.ref, **self.predictor.info(), "limits": limits}
+        return {"model": self.ref, **self.spec.info(), "limits": limits}
 
     @api.post(
         "/v1/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY
@@ -334,7 +383,7 @@ class GattnModel:
     ) -> dict[str, Any]:
         """Classify or segment an uploaded image."""
         image, x = await self._image(request)
-        p = self.predictor
+        spec = self.spec
         options = Options(tta=tta, sliding=sliding)
         result, batch_size = await self.predict_batch(Job(x, options))
         if isinstance(result, Exception):
@@ -342,17 +391,18 @@ class GattnModel:
         width, height = image.size
         out: dict[str, Any] = {
             "model": self.ref,
-            "task": p.task,
+            "task": spec.task,
             "width": width,
             "height": height,
             "tta": tta,
-            "sliding_window": p.task == "seg" and p.use_sliding((height, width), options),
+            "sliding_window": spec.task == "seg" and spec.use_sliding((height, width), options),
             "batch_size": batch_size,
         }
-        if p.task == "cls":
-            out["top_k"] = top_labels(result, p.classes, min(top_k or self.args.top_k, len(result)))
+        if spec.task == "cls":
+            k = min(top_k or self.args.top_k, len(result))
+            out["top_k"] = top_labels(result, list(spec.classes), k)
         else:
-            out.update(await asyncio.to_thread(mask_payload, result, p.classes))
+            out.update(await asyncio.to_thread(mask_payload, result, list(spec.classes)))
         return out
 
     @api.post(
@@ -368,19 +418,19 @@ class GattnModel:
     ) -> dict[str, Any]:
         """A heatmap of what the model looks at, over the uploaded image."""
         image, x = await self._image(request)
-        p = self.predictor
-        if target is not None and target >= p.num_classes:
-            raise InputError(422, "invalid_parameter", f"target must be < {p.num_classes}")
-        try:
-            used, heat, target = await asyncio.to_thread(self._locked, p.explain, x, method, target)
-        except ValueError as err:  # the method does not apply to this model
-            raise InputError(422, "unsupported_method", str(err)) from None
+        spec = self.spec
+        if target is not None and target >= spec.num_classes:
+            raise InputError(422, "invalid_parameter", f"target must be < {spec.num_classes}")
+        answer = await self.model.explain.remote(x, method, target)
+        if isinstance(answer, ValueError):  # the method does not apply to this model
+            raise InputError(422, "unsupported_method", str(answer))
+        used, heat, target = answer
         width, height = image.size
         return {
             "model": self.ref,
             "method": used,
             "target": target,
-            "label": p.classes[target],
+            "label": spec.classes[target],
             "width": width,
             "height": height,
             "heatmap_png": await asyncio.to_thread(heatmap_png, image, heat),
@@ -402,7 +452,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         checked = AppArgs.model_validate(args)
     except ValidationError as err:
         raise ValueError(f"serve app args: {err}") from None
-    return GattnModel.bind(checked.model_dump(mode="json"))
+    app_args = checked.model_dump(mode="json")
+    return GattnIngress.bind(GattnModel.bind(app_args), app_args)
 
 
 # --------------------------------------------------------------------------------------------

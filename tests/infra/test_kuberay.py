@@ -190,16 +190,20 @@ def test_rayservice_carries_the_deploy_stage_config_for_an_app_that_exists() -> 
     assert callable(getattr(importlib.import_module(module), attr))
     serve.AppArgs.model_validate(app["args"])  # the builder accepts these args
     assert app["args"]["model"].startswith(f"models:/{params.tracking.model_name}@")
-    (deployment,) = app["deployments"]
-    assert deployment["name"] == serve.DEPLOYMENT
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {serve.INGRESS, serve.DEPLOYMENT}
+    model, ingress = deployments[serve.DEPLOYMENT], deployments[serve.INGRESS]
 
-    # the replicas fit the GPU worker pods that exist at minReplicas, with their token
+    # the replicas fit the GPU worker pods that exist at minReplicas, with their token: the
+    # model replicas by GPU and CPU, the ingress replicas in the CPUs the model leaves
     spec = service["spec"]["rayClusterConfig"]
     pod, group = worker_pod(spec), spec["workerGroupSpecs"][0]
-    actor = deployment["ray_actor_options"]
+    actor = model["ray_actor_options"]
     assert actor["num_cpus"] <= pod["cpu"] and actor.get("num_gpus", 0) <= pod[GPU]
     per_pod = min(pod["cpu"] // actor["num_cpus"], pod[GPU] // actor.get("num_gpus", 1))
-    assert deployment["num_replicas"] <= group["minReplicas"] * per_pod
+    assert model["num_replicas"] <= group["minReplicas"] * per_pod
+    spare = group["minReplicas"] * pod["cpu"] - model["num_replicas"] * actor["num_cpus"]
+    assert ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"] <= spare
     token_env = app["args"]["auth_token_env"]
     for group_name, c in containers(spec):
         if group_name != "head":

@@ -61,13 +61,15 @@ def test_deploy_writes_a_valid_config_for_the_registered_version(
     assert app.args["model"] == "models:/gattn-model/2"  # pinned, not whatever is champion later
     assert app.args["tracking_uri"] == os.environ["MLFLOW_TRACKING_URI"]
     assert app.args["max_batch_size"] == 4 and app.args["auth_token_env"] is None
-    (deployment,) = app.deployments
-    assert deployment.name == "GattnModel" and deployment.num_replicas == 2
-    assert deployment.ray_actor_options.num_cpus == 0.5
-    assert deployment.max_ongoing_requests == ServeParams().max_ongoing_requests
+    ingress, model = app.deployments
+    assert model.name == "GattnModel" and model.num_replicas == 2
+    assert model.ray_actor_options.num_cpus == 0.5
+    assert ingress.name == "GattnIngress" and ingress.num_replicas == 1
+    assert ingress.max_ongoing_requests == ServeParams().max_ongoing_requests
+    assert app.args["concurrent_batches"] == 2  # one batch in flight per model replica
 
-    # What `gattn serve` reads back: the same config, 2 replicas x 0.5 CPU for a local Ray.
-    assert load_config(out / "serve_config.yaml") == config and cpus_needed(config) == 1
+    # What `gattn serve` reads back: the same config; 2 x 0.5 + 1 CPUs for a local Ray.
+    assert load_config(out / "serve_config.yaml") == config and cpus_needed(config) == 2
     with pytest.raises(ParamsError, match="gattn deploy"):
         load_config(tmp_path / "nowhere.yaml")
     # The import path names the builder, and the builder takes the args.
@@ -103,3 +105,9 @@ def test_nothing_to_serve_or_broken_model_writes_nothing(tmp_path: Path, finetun
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeParams(max_batch_size=32, max_ongoing_requests=8)
+    # each ingress keeps one batch in flight per model replica, so room for all of them
+    assert ServeParams(num_replicas=3).batches_in_flight == 3
+    assert ServeParams(num_replicas=3, concurrent_batches=1).batches_in_flight == 1
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        ServeParams(num_replicas=3, max_batch_size=32, max_ongoing_requests=64)
+    ServeParams(num_replicas=3, concurrent_batches=2, max_batch_size=32, max_ongoing_requests=64)
