@@ -47,6 +47,7 @@ from _common import environment, write_results  # noqa: E402
 from gattn.models import build_model, read_config, save_model  # noqa: E402
 from pipelines.config import ServeParams  # noqa: E402
 from pipelines.deploy import serve_config  # noqa: E402
+from pipelines.ray_utils import SERVE_HIGH_THROUGHPUT_ENV  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
 TARGET_CLIENTS = 32
@@ -152,11 +153,14 @@ def main() -> int:
     parser.add_argument("--batch-wait", type=float, default=0.005, help="batch_wait_timeout_s")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
     parser.add_argument("--ingress-cpus", type=float, default=1.0, help="CPUs per ingress")
+    parser.add_argument(
+        "--concurrent-batches", type=int, default=None, help="batches in flight per ingress"
+    )
     parser.add_argument("--haproxy", action="store_true", help="Ray Serve high-throughput mode")
     parser.add_argument("--out", default="serve", help="results name")
     args = parser.parse_args()
     if args.haproxy:  # read when ray.serve is imported: before that, in every Ray process
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+        os.environ.update(SERVE_HIGH_THROUGHPUT_ENV)
 
     import ray
     from ray import serve
@@ -183,6 +187,7 @@ def main() -> int:
                 ingress_num_cpus=args.ingress_cpus,
                 max_batch_size=batch,
                 batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
+                concurrent_batches=args.concurrent_batches,
                 max_ongoing_requests=max(64, 2 * max(args.clients)),
             )
             app_config = serve_config(p, str(folder))
@@ -229,6 +234,7 @@ def main() -> int:
         "proxy": "HAProxy (RAY_SERVE_THROUGHPUT_OPTIMIZED)" if args.haproxy else "Ray Serve",
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait,
+        "concurrent_batches": args.concurrent_batches or 1,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "command": " ".join(sys.argv),

@@ -233,7 +233,7 @@ class ServeParams(Section):
     ingress_num_cpus: float = Field(1.0, gt=0)  # per ingress replica
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    concurrent_batches: int | None = Field(None, ge=1)  # in flight per ingress (None: replicas)
+    concurrent_batches: int | None = Field(None, ge=1)  # in flight per ingress (None: 2/replica)
     max_ongoing_requests: int = Field(64, ge=1)  # per ingress replica
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     max_pixels: int = Field(2048 * 2048, ge=1)
@@ -255,9 +255,9 @@ class ServeParams(Section):
 
     @property
     def batches_in_flight(self) -> int:
-        """Batches an ingress replica sends at once: ``concurrent_batches``, by default one
-        per model replica (so every model replica stays busy)."""
-        return self.concurrent_batches or self.num_replicas
+        """Batches an ingress replica sends at once: ``concurrent_batches``, by default two per
+        model replica (one computing while the next travels, so no replica waits)."""
+        return self.concurrent_batches or 2 * self.num_replicas
 
 
 class FinetuneParams(Section):

