@@ -61,7 +61,7 @@ from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score
 from pipelines.prepare import PREPARED, open_split
 from pipelines.pretrain import ENCODER, data_fingerprint
 from pipelines.pretrain import MODELS as PRETRAINED
-from pipelines.ray_utils import fit_torch_trainer, mean_over_workers
+from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
 
 BEST_JSON = Path("models/tune/best.json")
 MODELS = Path("models/finetuned")
@@ -294,11 +294,7 @@ def train_loop(config: dict[str, Any]) -> None:
         targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
         weight = class_weights(targets, num_classes)
     batch = config["batch_size"]
-    drop_last = len(train) >= batch * world
-    loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=drop_last)
-    steps_per_epoch = (
-        len(train) // world // batch if drop_last else math.ceil(len(train) / world / batch)
-    )
+    loader, steps_per_epoch = worker_loader(train, batch, world)
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
 
     checkpoint = ray.train.get_checkpoint()
@@ -338,14 +334,7 @@ def train_loop(config: dict[str, Any]) -> None:
     metric = METRIC[task]
 
     for epoch in range(start_epoch, p.epochs):
-        if config.get("fail_at_epoch") == epoch + 1 and rank == 0:
-            flag = Path(config["fail_flag"])
-            if not flag.exists():
-                flag.write_text(f"failed once at epoch {epoch + 1}\n")
-                raise RuntimeError(f"injected worker failure at epoch {epoch + 1}")
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        begin_epoch(config, epoch, rank, loader)
         model.train()
         sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
         t0 = time.perf_counter()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -55,7 +54,7 @@ from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.prepare import PREPARED, open_split
-from pipelines.ray_utils import fit_torch_trainer, mean_over_workers
+from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
 
 MODELS = Path("models/pretrained")
 REPORTS = Path("reports/pretrain")
@@ -196,11 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
         else None
     )
     dataset = train_split(p, Path(config["prepared"]), train_view(p))
-    drop_last = len(dataset) >= p.batch_size * world
-    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, drop_last=drop_last)
-    steps_per_epoch = math.ceil(len(dataset) / world / p.batch_size)
-    if drop_last:
-        steps_per_epoch = len(dataset) // world // p.batch_size
+    loader, steps_per_epoch = worker_loader(dataset, p.batch_size, world)
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
     momentum = momentum_schedule(p.dino.momentum, 1.0, total)
 
@@ -235,14 +230,7 @@ def train_loop(config: dict[str, Any]) -> None:
     window = torch.zeros(4, dtype=torch.float64)  # sums since the last logged step
 
     for epoch in range(start_epoch, p.epochs):
-        if config.get("fail_at_epoch") == epoch + 1 and rank == 0:
-            flag = Path(config["fail_flag"])
-            if not flag.exists():
-                flag.write_text(f"failed once at epoch {epoch + 1}\n")
-                raise RuntimeError(f"injected worker failure at epoch {epoch + 1}")
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        begin_epoch(config, epoch, rank, loader)
         model.train()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, entropy, kl (all * images), images
         t0 = time.perf_counter()

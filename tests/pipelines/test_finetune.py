@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from gattn.data.views import seg_eval_transform
 from gattn.models import build_model, load_model
 from pipelines.cli import main
-from pipelines.config import FinetuneParams, Params, ParamsError, PretrainParams
+from pipelines.config import FinetuneParams, ParamsError, PretrainParams
 from pipelines.finetune import layer_id, load_best, load_pretrained, param_groups
 from pipelines.metrics import score
-from pipelines.prepare import open_split, prepare
+from pipelines.prepare import open_split
 from pipelines.pretrain import ENCODER, encoder_config
 from pipelines.registry import resolve_model
 
@@ -67,14 +67,6 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(out / ENCODER))
     (out / "config.json").write_text(json.dumps({"model": cfg, "img_size": 32}))
     return out
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    data = {"num_samples": 20, "image_size": 32, "large": {"num_samples": 0}, "grid_samples": 2}
-    prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
-    return root / "prepared"
 
 
 def test_pretrained_weights_load_by_name_into_a_segmenter(pretrained: Path) -> None:

@@ -8,14 +8,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -224,12 +223,6 @@ HEAD_PORTS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_job_server(address: str, head: subprocess.Popen, log: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
@@ -246,13 +239,13 @@ def _wait_for_job_server(address: str, head: subprocess.Popen, log: Path) -> Non
 
 
 @pytest.fixture
-def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def ray_head(monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> Iterator[str]:
     """A Ray head (``ray start --head --block``, 2 CPUs, token auth off) on loopback with the
     job server; yields its address. It is stopped by its own process id (``ray stop`` would
     stop every Ray on the machine), with any job still running stopped first."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ports = {name: _free_port() for name in HEAD_PORTS}
+    ports = {name: free_port() for name in HEAD_PORTS}
     temp = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))  # short: Ray's socket paths
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # the job's `python`

@@ -40,12 +40,7 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    data = {"num_samples": 16, "image_size": 32, "large": {"num_samples": 0}, "grid_samples": 2}
-    prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
-    return root / "prepared"
+PREPARED_SAMPLES = 16  # the shared `prepared` fixture's size
 
 
 def tiny(tmp_path: Path, **overrides) -> PretrainParams:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import struct
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +55,14 @@ class Server:
     seg_dir: Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
+) -> Iterator[Server]:
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.serve import deploy_config
+    from pipelines.ray_utils import local_ray
+    from pipelines.serve import cpus_needed, deploy_config
 
     root = tmp_path_factory.mktemp("serve")
     store = f"sqlite:///{root / 'mlflow.db'}"
@@ -89,27 +85,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         mlflow.set_tracking_uri(None)  # back to $MLFLOW_TRACKING_URI; leave no global behind
 
     port = free_port()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        num_gpus=0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"port": port, "num_cpus": 1, "max_batch_size": 8, **LIMITS}
     cls_p = ServeParams(app_name="cls", route_prefix="/cls", auth_token_env=TOKEN_ENV, **common)
     seg_p = ServeParams(app_name="seg", route_prefix="/seg", **common)
     config = serve_config(cls_p, "models:/gattn-test-cls@champion", store)
     config["applications"] += serve_config(seg_p, str(seg_dir))["applications"]
+    schema = ServeDeploySchema.model_validate(config)
     try:
-        deploy_config(ServeDeploySchema.model_validate(config), timeout_s=240)
-        assert version == 1
-        yield Server(f"http://127.0.0.1:{port}", cls_dir, seg_dir)
+        with local_ray(num_cpus=cpus_needed(schema)):
+            try:
+                deploy_config(schema, timeout_s=240)  # starts Serve on 127.0.0.1:port
+                assert version == 1
+                yield Server(f"http://127.0.0.1:{port}", cls_dir, seg_dir)
+            finally:
+                serve.shutdown()
     finally:
-        serve.shutdown()
-        ray.shutdown()
         mp.undo()
 
 

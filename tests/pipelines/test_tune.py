@@ -15,8 +15,7 @@ import yaml
 import pipelines.tune as tune_mod
 from gattn.budget import estimate_peak_memory, profiled_peak_memory
 from pipelines.cli import main
-from pipelines.config import Params, ParamsError, TuneParams
-from pipelines.prepare import prepare
+from pipelines.config import ParamsError, TuneParams
 
 ray = pytest.importorskip("ray")
 
@@ -63,14 +62,6 @@ def tiny(**overrides) -> TuneParams:
         "points_to_evaluate": [],
     }
     return TuneParams.model_validate({**base, **overrides})
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    data = {"num_samples": 20, "image_size": 32, "large": {"num_samples": 0}, "grid_samples": 2}
-    prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
-    return root / "prepared"
 
 
 @pytest.fixture(scope="module")
