@@ -8,10 +8,13 @@ to the input and scaled to ``[0, 1]`` per image.
 
 Unlike the source article's ``grad_cam_visualization`` (the deprecated
 ``register_backward_hook`` and ``output.backward()`` on a non-scalar): a forward hook makes
-the layer's output a fresh leaf of the graph and ``torch.autograd.grad`` differentiates a
-scalar score w.r.t. it, so parameters' ``.grad`` are untouched, frozen models work, and the
-hook is removed even on error. For segmentation logits ``(B, K, H, W)`` the score of a class
-is its logit summed over the pixels.
+the layer's output a fresh leaf of the graph, hands the downstream layers a *copy* of it, and
+``torch.autograd.grad`` differentiates a scalar score w.r.t. the leaf. So parameters'
+``.grad`` are untouched, frozen models work, the hook is removed even on error, and a layer
+whose output the next one changes in place (timm ResNet's ``bn1``/``bn2``, followed by an
+in-place ReLU or residual add) is explained from its own output: hooks that keep the
+output itself (pytorch-grad-cam) see it overwritten and silently return a wrong map. For
+segmentation logits ``(B, K, H, W)`` the score of a class is its logit summed over the pixels.
 
 Layouts of the layer output: ``"nchw"`` (CNNs), ``"nhwc"`` (timm Swin stages) and
 ``"tokens"`` ``(B, N, C)`` (ViT blocks; prefix tokens dropped, patches laid on the grid).
@@ -68,10 +71,30 @@ def to_nchw(
 
 
 def _resolve_target(target: Target, scores: torch.Tensor) -> torch.Tensor:
+    """Class index per image ``(B,)``: the argmax for ``None``, a single class broadcast,
+    or one class per image.
+
+    Raises:
+        ValueError: a sequence whose length is not the batch size, or a class out of range.
+    """
+    B, K = scores.shape
     if target is None:
         return scores.argmax(dim=1)
-    index = torch.as_tensor(target, device=scores.device, dtype=torch.long)
-    return index.expand(scores.shape[0]) if index.ndim == 0 else index
+    index = torch.as_tensor(target, device=scores.device).long()
+    if index.ndim == 0:
+        index = index.expand(B)
+    elif index.ndim != 1 or index.shape[0] != B:
+        raise ValueError(
+            f"target has shape {tuple(index.shape)} for a batch of {B} images; give one class "
+            f"(an int) for all images or a sequence of exactly {B} classes, one per image"
+        )
+    bad = (index < 0) | (index >= K)
+    if bad.any():
+        raise ValueError(
+            f"target {index[bad].tolist()} is not a class id in [0, {K}) "
+            f"(the model has {K} classes)"
+        )
+    return index
 
 
 def _default_prefix(model: nn.Module) -> int:
@@ -97,12 +120,18 @@ def grad_cam(
         image: Images ``(B, C, H, W)``.
         target_layer: The layer whose output is explained, or its name in
             ``model.named_modules()``. Its output must be a tensor.
-        target: Class to explain: one for all images, one per image, or ``None`` for each
-            image's highest-scoring class.
+        target: Class to explain: an int (or 0-d tensor) for all images, a sequence of
+            exactly ``B`` classes (one per image; any other length is an error, not
+            broadcast), or ``None`` for each image's highest-scoring class.
         layout: Layout of the layer output; ``None`` means ``"tokens"`` for 3-d outputs and
             ``"nchw"`` for 4-d ones (pass ``"nhwc"`` for Swin stages).
         num_prefix_tokens: Class/register tokens before the patches (tokens layout);
             ``None`` reads ``num_prefix_tokens`` from the model (0 if it has none).
+
+    Raises:
+        ValueError: the target layer did not run, or ``target`` does not fit the batch or
+            the classes.
+        TypeError: the target layer's output is not a tensor.
     """
     layer = model.get_submodule(target_layer) if isinstance(target_layer, str) else target_layer
     captured: list[torch.Tensor] = []
@@ -110,9 +139,12 @@ def grad_cam(
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"target layer returned {type(output).__name__}, not a tensor")
-        leaf = output.detach().requires_grad_(True)
+        # The leaf is a copy of the layer's output and downstream layers get another copy, so
+        # no in-place op after the layer (ReLU(inplace=True), ``x += shortcut``, or one on an
+        # alias of an output that is the layer's input, e.g. nn.Identity) can overwrite it.
+        leaf = output.detach().clone().requires_grad_(True)
         captured.append(leaf)
-        return leaf
+        return leaf.clone()
 
     handle = layer.register_forward_hook(hook)
     try:

@@ -99,3 +99,70 @@ def test_hook_removed_when_the_layer_does_not_run():
     with pytest.raises(ValueError, match="did not run"):
         grad_cam(model, square_image()[0], "unused")
     assert not unused._forward_hooks
+
+
+def test_target_sequence_must_match_the_batch():
+    model = Detector().eval()
+    x, _ = square_image()
+    with pytest.raises(ValueError, match="batch of 2 images"):
+        grad_cam(model, x, "features", target=[0])
+    with pytest.raises(ValueError, match="not a class id"):
+        grad_cam(model, x, "features", target=[0, 2])
+    # One int is broadcast to every image.
+    torch.testing.assert_close(
+        grad_cam(model, x, "features", target=1), grad_cam(model, x, "features", target=[1, 1])
+    )
+
+
+# A plain Grad-CAM (Selvaraju et al. 2017) written independently of gattn: a forward hook
+# keeps the layer's output ``o`` and hands the layers after it ``o.clone()``, so an in-place
+# op downstream cannot change ``o``; weights = mean gradient over space, map = ReLU of the
+# weighted sum, bilinear to the input, min-max scaled per image. Without the clone (``copy=
+# False``, which is what pytorch-grad-cam 1.5.7 does) ``o`` is overwritten at timm ResNet's
+# bn1/bn2 (the ReLU or residual add after them is in place).
+def reference_grad_cam(
+    model: nn.Module, x: torch.Tensor, layer: str, target: list[int], copy: bool = True
+) -> torch.Tensor:
+    kept = {}
+
+    def hook(_m, _i, o):
+        kept["o"] = o
+        return o.clone() if copy else None
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        logits = model(x)
+        score = logits[torch.arange(len(target)), torch.tensor(target)].sum()
+        (g,) = torch.autograd.grad(score, kept["o"])
+    finally:
+        handle.remove()
+    a = kept["o"].detach()
+    cam = torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    cam = cam[:, 0]
+    low = cam.flatten(1).min(1).values[:, None, None]
+    high = cam.flatten(1).max(1).values[:, None, None]
+    return (cam - low) / (high - low)
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    # zero_init_last=False: timm zeroes bn2's weight by default, which would make its map 0.
+    return timm.create_model("resnet18", num_classes=10, zero_init_last=False).eval()
+
+
+@pytest.mark.parametrize("layer", ["layer4.1.bn1", "layer4.1.bn2", "layer3", "layer4"])
+def test_timm_resnet_matches_a_plain_reference_at_in_place_layers(resnet18, layer):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 96, 96)
+    target = [3, 6]
+    ref = reference_grad_cam(resnet18, x, layer, target)
+    assert (ref.amax(dim=(1, 2)) == 1).all()  # a real map, not the all-zero one
+    torch.testing.assert_close(grad_cam(resnet18, x, layer, target), ref, rtol=0, atol=1e-5)
+    if layer.endswith(("bn1", "bn2")):
+        # The reference is sensitive to the defect it guards against: without the copy the
+        # kept activation is the post-ReLU/residual one and the map differs.
+        wrong = reference_grad_cam(resnet18, x, layer, target, copy=False)
+        assert (wrong - ref).abs().max() > 1e-2
