@@ -425,6 +425,8 @@ class TuneParams(Section):
     weight_decay: float = Field(0.05, ge=0)
     balance_classes: bool = True  # CE weights 1/sqrt(class frequency) in trials
     epochs: int = Field(4, ge=1)  # per trial; ASHA may stop a trial after grace_period
+    warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up, then cosine (finetune's recipe)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)  # final lr = lr * min_lr_ratio
     max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(64, ge=1)
     grace_period: int = Field(1, ge=1)

@@ -47,20 +47,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gattn.data.views import seg_eval_transform, seg_train_transform
 from gattn.models import build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
+from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
 from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score
 from pipelines.prepare import PREPARED, open_split
-from pipelines.pretrain import ENCODER, data_fingerprint
 from pipelines.pretrain import MODELS as PRETRAINED
+from pipelines.pretrain import data_fingerprint
 from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
 
 BEST_JSON = Path("models/tune/best.json")
@@ -114,84 +114,18 @@ def img_size_of(entry: Mapping[str, Any]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Pretrained weights by name
+# Initial weights
 
 
-def _prefix(target: list[str], source: set[str]) -> str:
-    """The prefix ``p`` for which the most target names are ``p + a source name``."""
-    counts: dict[str, int] = {}
-    for name in target:
-        parts = name.split(".")
-        for i in range(len(parts)):
-            if ".".join(parts[i:]) in source:
-                prefix = ".".join(parts[:i]) + ("." if i else "")
-                counts[prefix] = counts.get(prefix, 0) + 1
-    return max(counts, key=lambda p: (counts[p], -len(p))) if counts else ""
-
-
-def _resample(model: nn.Module, name: str, src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """An absolute position embedding ``src`` resampled to the grid of ``shape``, or ``src``."""
-    if not name.endswith("pos_embed") or src.ndim != 3 or src.shape[-1] != shape[-1]:
-        return src
-    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    prefix = (
-        0 if getattr(owner, "no_embed_class", False) else getattr(owner, "num_prefix_tokens", 0)
-    )
-    side, src_side = math.isqrt(shape[1] - prefix), math.isqrt(src.shape[1] - prefix)
-    if side * side != shape[1] - prefix or src_side * src_side != src.shape[1] - prefix:
-        return src
-    return resample_abs_pos_embed(src, (side, side), (src_side, src_side), prefix)
-
-
-def load_pretrained(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Copy ``weights`` into ``model`` where the names (up to a common prefix) and shapes match.
-
-    Returns:
-        ``{"prefix", "matched", "missing", "unexpected", "shape_mismatch", "resampled"}``:
-        loaded names, model tensors left as initialised, unused pretrained names,
-        ``{name: [pretrained shape, model shape]}`` skipped, and resampled position embeddings.
-    """
-    state = model.state_dict()
-    prefix = _prefix(list(state), set(weights))
-    matched, mismatch, resampled, used = [], {}, [], set()
-    for name, tensor in state.items():
-        src_name = name[len(prefix) :] if name.startswith(prefix) else None
-        if src_name not in weights:
-            continue
-        used.add(src_name)
-        src = weights[src_name]
-        if src.shape != tensor.shape:
-            src = _resample(model, name, src, tensor.shape)
-            if src.shape != tensor.shape:
-                mismatch[name] = [list(weights[src_name].shape), list(tensor.shape)]
-                continue
-            resampled.append(name)
-        state[name] = src.to(tensor.dtype)
-        matched.append(name)
-    model.load_state_dict(state)
-    return {
-        "prefix": prefix,
-        "matched": matched,
-        "missing": [n for n in state if n not in matched and n not in mismatch],
-        "unexpected": sorted(set(weights) - used),
-        "shape_mismatch": mismatch,
-        "resampled": resampled,
-    }
-
-
-def init_report(model: nn.Module, encoder: Path | None) -> dict[str, Any]:
-    """:func:`load_pretrained` of ``encoder`` into ``model``, or the report of a model that
-    starts from scratch (``encoder=None``: every tensor missing)."""
-    if encoder is not None:
-        return load_pretrained(model, load_file(str(encoder)))
-    return {
-        "prefix": "",
-        "matched": [],
-        "missing": list(model.state_dict()),
-        "unexpected": [],
-        "shape_mismatch": {},
-        "resampled": [],
-    }
+def initialise(model: nn.Module, cfg: Mapping[str, Any], encoder: Path | None) -> LoadReport:
+    """Load the pretrained ``encoder`` folder into ``model`` (config ``cfg``) where the
+    backbone, names and shapes match (:func:`gattn.models.pretrained.load_pretrained`, the
+    loader the tune stage uses too); ``None``: from scratch, every tensor missing."""
+    found = read_encoder(encoder) if encoder is not None else None
+    if found is None:
+        return LoadReport(missing=list(model.state_dict()), skipped="from scratch")
+    source_cfg, weights = found
+    return load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,8 +217,7 @@ def train_loop(config: dict[str, Any]) -> None:
     task, num_classes, size = config["task"], config["num_classes"], config["img_size"]
     torch.manual_seed(config["seed"])
     model = build_model(config["model"])
-    if config.get("pretrained"):
-        load_pretrained(model, load_file(config["pretrained"]))
+    initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
 
     prepared = Path(config["prepared"])
     train = _subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
@@ -474,7 +407,7 @@ def finetune(
     classes = list(info["classes"])
     size = img_size_of(entry)
     cfg = model_config(entry, len(classes), size)
-    encoder = Path(pretrained) / ENCODER
+    encoder = Path(pretrained) / ENCODER_WEIGHTS
     if p.init == "pretrained" and not encoder.is_file():
         raise FileNotFoundError(
             f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
@@ -493,7 +426,7 @@ def finetune(
         "img_size": size,
         "lr": p.lr or float(train_cfg["lr"]),
         "batch_size": p.batch_size or int(train_cfg["batch_size"]),
-        "pretrained": str(encoder.resolve()) if p.init == "pretrained" else None,
+        "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
         "prepared": str(prepared.resolve()),
         "fail_at_epoch": fail_at_epoch,
         "fail_flag": str(storage / f"{name}.injected-failure"),
@@ -501,7 +434,7 @@ def finetune(
     result, wall = fit_torch_trainer(train_loop, loop_config, p, name, storage)
 
     model = build_model(cfg)
-    init = init_report(model, encoder if p.init == "pretrained" else None)
+    init = initialise(model, cfg, Path(pretrained) if p.init == "pretrained" else None).to_dict()
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / HISTORY).read_text())
         model.load_state_dict(load_file(str(Path(d) / BEST)))

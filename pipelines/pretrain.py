@@ -47,6 +47,7 @@ from torchvision.transforms import v2
 
 from gattn.data.views import MultiCropViews, mae_view, to_float
 from gattn.models.build import build_model
+from gattn.models.pretrained import ENCODER_WEIGHTS
 from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure, warmup_cosine
 from gattn.ssl.curves import curves_figure, dino_collapse_references
 from gattn.ssl.dino import momentum_schedule
@@ -58,7 +59,7 @@ from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_worker
 
 MODELS = Path("models/pretrained")
 REPORTS = Path("reports/pretrain")
-WEIGHTS, STATE, ENCODER = "model.safetensors", "state.pt", "encoder.safetensors"
+WEIGHTS, STATE, ENCODER = "model.safetensors", "state.pt", ENCODER_WEIGHTS
 HISTORY = "history.json"  # {"epochs": [...], "steps": [...]} so far, carried across resumes
 CHECKPOINT_FORMAT = 2  # part of the run name: a new checkpoint layout never resumes an old one
 NOT_TRAINING = {"probe", "log_every_n_steps"}  # params that leave the run name alone

@@ -60,9 +60,11 @@ from gattn import modules as registry
 from gattn.budget import estimate_peak_memory, peak_memory, train_step
 from gattn.budget.recommend import best_fitting
 from gattn.models import build_model, model_stages
+from gattn.models.pretrained import load_pretrained, read_encoder
+from gattn.ssl.schedules import warmup_cosine
 from pipelines.config import ParamsError, TuneParams, add_params_arguments, load_params
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.metrics import class_weights
+from pipelines.metrics import METRIC, class_weights, score
 from pipelines.prepare import PREPARED, open_split
 
 MODELS = Path("models/tune")
@@ -133,22 +135,16 @@ def check_params(p: TuneParams) -> None:
 
 
 def search_space(p: TuneParams, task: str) -> dict[str, Any]:
-    """The Tune search space of ``p`` (categorical knobs and a log-uniform learning rate)."""
+    """The Tune search space of ``p`` for a task kind (:meth:`TuneParams.choices`: categorical
+    knobs, ``head`` for segmentation only) and a log-uniform learning rate."""
     from ray import tune
 
-    space: dict[str, Any] = {
-        "family": tune.choice(sorted(p.families)),
-        "module": tune.choice(list(p.modules)),
-        "module_size": tune.choice(sorted(p.module_sizes)),
-        "attn_impl": tune.choice(list(p.attn_impls)),
-        "position": tune.choice(list(p.positions)),
-        "num_blocks": tune.choice(list(p.num_blocks)),
-        "batch_size": tune.choice(list(p.batch_sizes)),
-        "img_size": tune.choice(list(p.img_sizes)),
-        "lr": tune.loguniform(*p.lr),
-    }
-    if task == "seg":
-        space["head"] = tune.choice(list(p.heads))
+    choices = p.choices(task)
+    heads = choices.pop("head", None)
+    space: dict[str, Any] = {k: tune.choice(v) for k, v in choices.items()}
+    space["lr"] = tune.loguniform(*p.lr)
+    if heads is not None:
+        space["head"] = tune.choice(heads)
     return space
 
 
@@ -232,86 +228,29 @@ def load_tensors(
     )
 
 
-def load_pretrained(pretrained: Path) -> dict[str, Any] | None:
-    """``{"model": cfg, "state": tensors}`` of the pretrain stage's encoder, or None."""
-    from safetensors.torch import load_file
-
-    pretrained = Path(pretrained)
-    if (
-        not (pretrained / "config.json").is_file()
-        or not (pretrained / "encoder.safetensors").is_file()
-    ):
-        return None
-    cfg = json.loads((pretrained / "config.json").read_text())["model"]
-    return {"model": cfg, "state": load_file(str(pretrained / "encoder.safetensors"))}
-
-
-def _normalise(key: str) -> str:
-    """A backbone tensor name without ``features_only`` (``model.``) and injection
-    (``.stage.``) wrappers, comparable with the plain encoder's names."""
-    key = key.removeprefix("model.")
-    return key.replace(".stage.", ".")
-
-
-def load_matching(
-    model: nn.Module, cfg: Mapping[str, Any], pretrained: Mapping[str, Any] | None
-) -> int:
-    """Copy the pretrained encoder's tensors into ``model`` where the backbone matches.
-
-    The family matches when backbone name and arguments are equal; tensors then match by
-    name (ignoring wrappers) and shape; the rest (e.g. a position embedding for another
-    resolution, injected blocks, heads) keep their initialisation.
-
-    Returns:
-        Tensors loaded (0 when the family does not match or there is no pretrained encoder).
-    """
-    if pretrained is None:
-        return 0
-    source = pretrained["model"]
-    if source.get("backbone") != cfg["backbone"] or dict(
-        source.get("backbone_kwargs") or {}
-    ) != dict(cfg.get("backbone_kwargs") or {}):
-        return 0
-    target = model.encoder if cfg.get("task") == "seg" else model
-    own = {_normalise(k): (k, v) for k, v in target.state_dict().items()}
-    update = {}
-    for name, tensor in pretrained["state"].items():
-        if name in own and own[name][1].shape == tensor.shape:
-            update[own[name][0]] = tensor
-    target.load_state_dict(update, strict=False)
-    return len(update)
-
-
 # ---------------------------------------------------------------------------------------------
 # One trial.
-
-
-def quality_metric(kind: str, num_classes: int) -> Any:
-    """mIoU (segmentation, classes averaged, ignore 255) or accuracy (classification)."""
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
-
-    if kind == "seg":
-        return MulticlassJaccardIndex(num_classes, average="macro", ignore_index=255)
-    return MulticlassAccuracy(num_classes, average="micro")
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, kind: str, size: int, k: int
 ) -> float:
-    """Quality on ``images`` fed at ``size`` px; segmentation logits are scored at the
-    targets' resolution, so every resolution is scored on the same masks."""
+    """Quality (:data:`pipelines.metrics.METRIC`, by :func:`pipelines.metrics.score`, as the
+    finetune stage scores) on ``images`` fed at ``size`` px; segmentation logits are scored at
+    the targets' resolution, so every resolution is scored on the same masks."""
     model.eval()
     device = next(model.parameters()).device
-    metric = quality_metric(kind, k).to(device)
-    for x, y in zip(images.split(64), targets.split(64), strict=True):
-        x, y = x.to(device), y.to(device)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
         logits = model(_resize(x, size))
         if kind == "seg":
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        metric.update(logits.argmax(1), y)
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    scores = score(predict, zip(images.split(64), targets.split(64), strict=True), kind, k, device)
     model.train()
-    return float(metric.compute())
+    return float(scores[METRIC[kind]])
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -364,9 +303,10 @@ def train_epoch(
     gen: torch.Generator,
     measure: bool,
     weight: torch.Tensor | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """One epoch of random-flip training at ``size`` px (loss weighted per class by
-    ``weight``, if given).
+    ``weight``, if given; ``scheduler`` stepped after every optimizer step).
 
     With ``measure``, the second step (the first has created the optimizer state) is run
     under :func:`gattn.budget.peak_memory` and left out of the timing.
@@ -391,6 +331,8 @@ def train_epoch(
             out["seconds"] += time.perf_counter() - t0
             out["images"] += len(idx)
             out["loss"] += float(loss)
+        if scheduler is not None:
+            scheduler.step()
         out["steps"] += 1
     out["loss"] /= max(1.0, out["steps"] - (1 if measure else 0))
     return out
@@ -415,7 +357,8 @@ def run_trial(
         sample: One point of :func:`search_space`.
         context: ``params`` (the ``tune`` section as a dict), ``seed``, ``kind``,
             ``num_classes``, ``in_chans``, ``train``/``val`` (tensors from
-            :func:`load_tensors`), ``pretrained`` (from :func:`load_pretrained`) and
+            :func:`load_tensors`), ``pretrained`` (``(config, weights)`` from
+            :func:`gattn.models.pretrained.read_encoder`, or None) and
             ``device``.
         report: Receives each epoch's metrics (``ray.tune.report`` in a sweep).
 
@@ -447,7 +390,7 @@ def run_trial(
             row["status"] = "infeasible"
             report(dict(row))
             return row
-        _train(sample, context, p, cfg, device, row, report)
+        train_config(sample, context, p, cfg, device, row, report)
     except Exception as err:  # a trial's fault must not stop the sweep
         row["status"] = "oom" if _is_oom(err) else "error"
         row["error"] = f"{type(err).__name__}: {err}"[:2000]
@@ -456,7 +399,7 @@ def run_trial(
     return row
 
 
-def _train(
+def train_config(
     sample: Mapping[str, Any],
     context: Mapping[str, Any],
     p: TuneParams,
@@ -464,22 +407,41 @@ def _train(
     device: torch.device,
     row: dict[str, Any],
     report: Callable[[dict[str, Any]], None],
-) -> None:
+) -> nn.Module:
+    """Train ``cfg`` as a trial does and return the model; ``row`` gains the figures, which
+    ``report`` receives after every epoch.
+
+    The recipe is the finetune stage's, over ``p.epochs``: AdamW at the sample's peak
+    learning rate after ``p.warmup_epochs`` of linear warm-up, cosine down to
+    ``lr * p.min_lr_ratio``, class-balanced cross-entropy, random flips; the data order and
+    initialisation follow ``context["seed"]``.
+    """
     torch.manual_seed(context["seed"])
     gen = torch.Generator().manual_seed(context["seed"])
     model = build_model(cfg)
-    row["pretrained_tensors"] = load_matching(model, cfg, context.get("pretrained"))
+    encoder = context.get("pretrained")
+    if encoder is not None:
+        source_cfg, weights = encoder
+        init = load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
+        row["pretrained_tensors"] = len(init.matched)
+    else:
+        row["pretrained_tensors"] = 0
     model = model.to(device).train()
     row["params"] = sum(q.numel() for q in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=sample["lr"], weight_decay=p.weight_decay)
     size, batch_size = int(sample["img_size"]), int(sample["batch_size"])
+    steps = len(_batches(len(context["train"][0]), batch_size, gen))
+    total, warmup = p.epochs * steps, p.warmup_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, 1.0, p.min_lr_ratio, warmup)
+    )
     weight = None
     if p.balance_classes:
         weight = class_weights(context["train"][1], context["num_classes"]).to(device)
     images = seconds = 0.0
     for epoch in range(p.epochs):
         stats = train_epoch(
-            model, optimizer, context["train"], batch_size, size, gen, epoch == 0, weight
+            model, optimizer, context["train"], batch_size, size, gen, epoch == 0, weight, scheduler
         )
         if epoch == 0:
             if stats["steps"] < 2:  # one step per epoch: measure a second one now
@@ -499,6 +461,7 @@ def _train(
             quality=evaluate(model, *context["val"], context["kind"], size, context["num_classes"]),
         )
         report(dict(row))
+    return model
 
 
 def _trainable(sample: dict[str, Any], context: dict[str, Any]) -> None:
@@ -696,7 +659,7 @@ def data_context(
         "in_chans": int(train_x.shape[1]),
         "train": (train_x, train_y),
         "val": (val_x, val_y),
-        "pretrained": load_pretrained(pretrained) if (p.pretrained and pretrained) else None,
+        "pretrained": read_encoder(pretrained) if (p.pretrained and pretrained) else None,
         "device": "cuda" if use_gpu else "cpu",
         "threads": p.cpus_per_trial,
     }
@@ -717,7 +680,7 @@ def sweep(
         metric=metric,
         mode="max",
         seed=context["seed"],
-        points_to_evaluate=[dict(x) for x in p.points_to_evaluate] or None,
+        points_to_evaluate=p.points(context["kind"]) or None,  # less keys the task lacks
     )
     scheduler = ASHAScheduler(
         time_attr="training_iteration",

@@ -110,22 +110,6 @@ def test_crashing_and_oom_trials_are_recorded(
     assert row["status"] == "oom" and "out of memory" in row["error"]
 
 
-def test_pretrained_tensors_load_where_the_backbone_matches() -> None:
-    cfg = {"task": "seg", "num_classes": 3, "img_size": 32, "head": "fcn", "head_channels": 8}
-    vit = {**cfg, **TINY_FAMILIES["vit"], "inject": "se@2"}
-    encoder_cfg = {"task": "cls", "num_classes": 0, "img_size": 32, **TINY_FAMILIES["vit"]}
-    encoder = tune_mod.build_model(encoder_cfg)
-    pretrained = {"model": encoder_cfg, "state": encoder.state_dict()}
-    model = tune_mod.build_model(vit)
-    loaded = tune_mod.load_matching(model, vit, pretrained)
-    # All but the pooled classifier's norm, through the features_only and injection wrappers.
-    assert loaded == len([k for k in encoder.state_dict() if not k.startswith("fc_norm.")])
-    block = model.encoder.model.blocks[1].stage  # the injected stage keeps its weights
-    torch.testing.assert_close(block.attn.qkv.weight, encoder.blocks[1].attn.qkv.weight)
-    cnn = {**cfg, **TINY_FAMILIES["cnn"]}
-    assert tune_mod.load_matching(tune_mod.build_model(cnn), cnn, pretrained) == 0
-
-
 def test_estimator_matches_profiler_on_default_space_sample() -> None:
     """Configs drawn from the default search space (structure as sampled; batch and resolution
     kept small so the real profiled step is quick)."""
