@@ -31,10 +31,13 @@ def _format(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: {err.error_count()} invalid setting(s):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml's sections)")
+        elif isinstance(e.get("input"), dict) and (not loc or msg.startswith(f"{loc}.")):
+            lines.append(f"  {msg}")  # a rule across keys whose message names its own key
         elif isinstance(e.get("input"), dict):  # a whole section: the message says what
-            lines.append(f"  {loc}: {e['msg']}")
+            lines.append(f"  {loc}: {msg}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -80,6 +83,9 @@ def validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> BaseMo
 # Sections. A stage reads only its own section (plus ``seed`` and ``tracking``).
 
 
+TASK_KINDS = {"cue-seg": "seg", "pathfinder": "cls", "folder-cls": "cls", "folder-seg": "seg"}
+
+
 class TrackingParams(Section):
     """MLflow: the experiment every stage logs to (store: ``$MLFLOW_TRACKING_URI`` or
     ``<project>/mlflow.db``) and the registered model name the finetune stage writes."""
@@ -101,10 +107,13 @@ class DataParams(Section):
 
     ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``) or your own images:
     ``folder-cls`` (ImageFolder layout) or ``folder-seg`` (``images/`` + ``masks/``) under
-    ``root``.
+    ``root``. ``num_classes`` (folder-seg) is read from the masks when ``null`` (the largest
+    value other than 255, plus one). ``num_samples``, ``image_size``, ``generator`` and
+    ``large`` shape the generated benchmarks only: your images are used as they are, at any
+    size.
     """
 
-    task: Literal["cue-seg", "pathfinder", "folder-cls", "folder-seg"] = "cue-seg"
+    task: Literal["cue-seg", "pathfinder", "folder-cls", "folder-seg"] = "cue-seg"  # TASK_KINDS
     root: str | None = None
     num_samples: int = Field(800, ge=3)
     image_size: int = Field(64, ge=16)
@@ -122,9 +131,22 @@ class DataParams(Section):
         if self.task.startswith("folder"):
             if not self.root:
                 raise ValueError(f"task {self.task!r} reads your images: set data.root")
-            if self.task == "folder-seg" and self.num_classes is None:
-                raise ValueError("task 'folder-seg' needs data.num_classes (mask values < it)")
+        elif self.root:
+            raise ValueError(
+                f"data.root: task {self.task!r} generates its images and reads no folder; "
+                "set data.task to folder-cls or folder-seg to use yours (or root: null)"
+            )
+        if self.num_classes is not None and self.task != "folder-seg":
+            raise ValueError(
+                f"data.num_classes: set for folder-seg only (task {self.task!r} knows its "
+                "classes: the generated ones, or folder-cls's sub-folders); use null"
+            )
         return self
+
+    @property
+    def kind(self) -> str:
+        """``seg`` or ``cls``: what the task's targets are."""
+        return TASK_KINDS[self.task]
 
 
 class MaeParams(Section):
@@ -449,34 +471,72 @@ class TuneParams(Section):
             raise ValueError("lr must be a range (low, high) with 0 < low <= high")
         if min(self.num_blocks) < 1 or min(self.batch_sizes) < 1 or min(self.img_sizes) < 16:
             raise ValueError("num_blocks, batch_sizes must be >= 1 and img_sizes >= 16")
-        choices = {
-            "family": list(self.families),
-            "module": self.modules,
-            "module_size": list(self.module_sizes),
-            "attn_impl": self.attn_impls,
-            "position": self.positions,
-            "num_blocks": self.num_blocks,
-            "batch_size": self.batch_sizes,
-            "img_size": self.img_sizes,
-            "head": self.heads,
-        }
+        choices = self.choices("seg")
         for i, point in enumerate(self.points_to_evaluate):
+            where = f"tune.points_to_evaluate[{i}]"
             for key, value in point.items():
                 if key == "lr":
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise ValueError(
+                            f"{where}.lr: {value!r} is not a number (YAML reads 3e-3 as text: "
+                            "write 0.003 or 3.0e-3)"
+                        )
+                    if not self.lr[0] <= value <= self.lr[1]:
+                        raise ValueError(
+                            f"{where}.lr: {value!r} is outside the tune.lr range "
+                            f"{list(self.lr)} (widen tune.lr or pick a value in it)"
+                        )
                     continue
                 if key not in choices:
                     raise ValueError(
-                        f"points_to_evaluate[{i}]: unknown key {key!r}; "
-                        f"keys: lr, {', '.join(choices)}"
+                        f"{where}: unknown key {key!r}; keys: {', '.join(choices)}, lr"
                     )
                 if value not in choices[key]:
                     raise ValueError(
-                        f"points_to_evaluate[{i}].{key}: {value!r} is not in tune.{key}s "
-                        f"{choices[key]} (add it there or pick one of them)"
+                        f"{where}.{key}: {value!r} is not in tune.{key}s {list(choices[key])} "
+                        "(add it there or pick one of them)"
                     )
         if self.grace_period > self.epochs:
             raise ValueError("grace_period must not exceed epochs")
         return self
+
+    def choices(self, kind: str) -> dict[str, list[Any]]:
+        """The categorical knobs of the search for a task ``kind`` (``seg``/``cls``) and their
+        values, in the order the search space lists them. The search also samples ``lr``
+        (log-uniform in :attr:`lr`); ``head`` is a segmentation knob only."""
+        choices: dict[str, list[Any]] = {
+            "family": sorted(self.families),
+            "module": list(self.modules),
+            "module_size": sorted(self.module_sizes),
+            "attn_impl": list(self.attn_impls),
+            "position": list(self.positions),
+            "num_blocks": list(self.num_blocks),
+            "batch_size": list(self.batch_sizes),
+            "img_size": list(self.img_sizes),
+        }
+        if kind == "seg":
+            choices["head"] = list(self.heads)
+        return choices
+
+    def points(self, kind: str) -> list[dict[str, Any]]:
+        """``points_to_evaluate`` for a task ``kind``: each point without the keys its search
+        space lacks (``head`` for classification), so one default serves every task."""
+        keys = {*self.choices(kind), "lr"}
+        return [{k: v for k, v in point.items() if k in keys} for point in self.points_to_evaluate]
+
+    def missing_in_points(self, kind: str) -> str | None:
+        """Why a point does not fix every knob of the ``kind`` search (which Ray's searcher
+        requires), or None."""
+        keys = [*self.choices(kind), "lr"]
+        for i, point in enumerate(self.points_to_evaluate):
+            missing = [k for k in keys if k not in point]
+            if missing:
+                return (
+                    f"tune.points_to_evaluate[{i}]: missing key(s) {missing}: a point fixes "
+                    f"every knob of the search ({', '.join(keys)}); copy the first point of "
+                    "the project's params.yaml and change what you want, or use []"
+                )
+        return None
 
 
 class Params(Section):
@@ -490,6 +550,13 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeParams = ServeParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        missing = self.tune.missing_in_points(self.data.kind)
+        if missing:
+            raise ValueError(f"{missing} (data.task {self.data.task!r})")
+        return self
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:

@@ -30,6 +30,8 @@ from gattn.data import (
     SegmentationFolderDataset,
     SyntheticDataset,
     generate,
+    open_image,
+    oriented_size,
 )
 from gattn.diagnostics import sample_grid
 from pipelines.config import Params, add_params_arguments, load_params
@@ -99,10 +101,12 @@ def class_balance(dataset: Any, indices: list[int]) -> list[float]:
 
 
 def _image_sizes(dataset: Any) -> Counter:
+    """How many images have each ``WxH`` (as shown, after EXIF orientation)."""
     sizes: Counter = Counter()
     for path, _ in dataset.samples:
         with Image.open(path) as im:
-            sizes[f"{im.width}x{im.height}"] += 1
+            width, height = oriented_size(im)
+        sizes[f"{width}x{height}"] += 1
     return sizes
 
 
@@ -110,8 +114,7 @@ def _grid(dataset: Any, indices: list[int], names: list[str], count: int, path: 
     chosen = indices[:count]
     images = []
     for i in chosen:
-        with Image.open(dataset.samples[i][0]) as im:
-            images.append(np.asarray(im.convert("RGB")))
+        images.append(np.asarray(open_image(dataset.samples[i][0], "RGB")))
     targets = [_load_target(dataset, i) for i in chosen]
     sample_grid(images, targets, names, path, title="train samples with their labels")
 

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Mapping
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from gattn.data.images import to_mode
+
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # PIL format names accepted
 RAW_TYPES = ("application/octet-stream",)  # besides image/*
 UPLOAD_FIELD = "file"  # the multipart part holding the image
@@ -122,6 +124,10 @@ async def image_bytes(headers: Mapping[str, str], body: bytes) -> bytes:
 def decode_image(data: bytes, max_pixels: int, mode: str = "RGB") -> Image.Image:
     """Decode an uploaded image into ``mode`` after checking its header dimensions.
 
+    The pixels are the ones training saw for the same file (:func:`gattn.data.to_mode`: EXIF
+    orientation applied, then greyscale, alpha, palette, CMYK or 16-bit images converted), at
+    the image's own size.
+
     Args:
         data: The encoded image.
         max_pixels: Largest accepted ``width * height``, checked before decoding.
@@ -162,7 +168,8 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB") -> Image.Image
             )
         try:
             image.load()
-            return image.convert(mode)
+            out = to_mode(image, mode)
+            return out.copy() if out is image else out  # `image` is closed on return
         except Image.DecompressionBombError as err:
             raise InputError(413, "too_many_pixels", str(err)) from None
         except _DECODE_ERRORS as err:

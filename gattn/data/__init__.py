@@ -8,7 +8,9 @@ from gattn.data.datasets import (
     ImageFolderDataset,
     SegmentationFolderDataset,
     SyntheticDataset,
+    infer_num_classes,
 )
+from gattn.data.images import open_image, oriented_size, to_mode
 from gattn.data.pathfinder import PathfinderConfig, pathfinder_sample, render_paths
 from gattn.data.synthetic import (
     TASKS,
@@ -44,8 +46,11 @@ __all__ = [
     "SyntheticDataset",
     "cue_seg_sample",
     "generate",
+    "infer_num_classes",
     "mae_view",
     "make_config",
+    "open_image",
+    "oriented_size",
     "pathfinder_sample",
     "read_manifest",
     "render_paths",
@@ -53,5 +58,6 @@ __all__ = [
     "seg_train_transform",
     "synthetic_sample",
     "to_float",
+    "to_mode",
     "verify_manifest",
 ]

@@ -21,10 +21,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from gattn.data.images import open_image, oriented_size
 from gattn.data.synthetic import read_manifest
 from gattn.data.views import to_float
 
@@ -35,6 +36,7 @@ __all__ = [
     "ImageFolderDataset",
     "SegmentationFolderDataset",
     "SyntheticDataset",
+    "infer_num_classes",
 ]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -78,12 +80,16 @@ def _check_dir(root: Path, layout: str) -> None:
         raise DataLayoutError(f"{root} does not exist or is not a folder", layout)
 
 
+MASK_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")  # one channel of class ids
+
+
 def _check_mask_header(mask: Image.Image, path: Path, size: tuple[int, int]) -> None:
-    """A mask must be one channel of class ids, the size of its image."""
-    if mask.mode not in ("L", "P", "I", "I;16"):
+    """A mask must be one channel of class ids, the size of its image as shown (both after
+    their EXIF orientation)."""
+    if mask.mode not in MASK_MODES:
         raise ValueError(f"mask {path.name} has mode {mask.mode}, expected one channel")
-    if mask.size != size:
-        raise ValueError(f"mask {path.name} is {mask.size}, its image {size}")
+    if oriented_size(mask) != size:
+        raise ValueError(f"mask {path.name} is {oriented_size(mask)}, its image {size}")
 
 
 class _ImageDataset(Dataset):
@@ -138,7 +144,7 @@ class _ImageDataset(Dataset):
                 with Image.open(path) as im:
                     if size is not None:
                         _check_mask_header(im, path, size)
-                    size = im.size
+                    size = oriented_size(im)
                     im.verify() if check == "verify" else im.load()
         except _LOAD_ERRORS as err:
             self._skip(sample[0], f"{type(err).__name__}: {err}")
@@ -148,7 +154,7 @@ class _ImageDataset(Dataset):
     def _load_mask(self, path: Path, size: tuple[int, int]) -> np.ndarray:
         with Image.open(path) as im:
             _check_mask_header(im, path, size)
-            mask = np.asarray(im)
+            mask = np.asarray(ImageOps.exif_transpose(im))  # values untouched
         bad = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
         if bad.any():
             raise ValueError(
@@ -158,8 +164,7 @@ class _ImageDataset(Dataset):
         return mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.int64)
 
     def _load(self, sample: tuple[Path, Any]) -> tuple[tv_tensors.Image, Any]:
-        with Image.open(sample[0]) as im:
-            image = np.asarray(im.convert(self.mode))
+        image = np.asarray(open_image(sample[0], self.mode))
         image = tv_tensors.Image(
             torch.from_numpy(image.copy()).reshape(*image.shape[:2], -1).permute(2, 0, 1)
         )
@@ -238,12 +243,39 @@ class ImageFolderDataset(_ImageDataset):
         self.targets = [s[1] for s in self.samples]
 
 
+def infer_num_classes(masks: Sequence[Path], ignore_index: int = IGNORE_INDEX) -> int:
+    """Classes the masks hold: their largest value other than ``ignore_index``, plus one
+    (unreadable masks are left to the data set's checks).
+
+    Raises:
+        DataLayoutError: no mask holds a class other than 0 (nothing to segment).
+    """
+    top = -1
+    for path in masks:
+        try:
+            with Image.open(path) as im:
+                values = np.asarray(im)
+        except _LOAD_ERRORS:
+            continue
+        values = values[values != ignore_index]
+        if values.size:
+            top = max(top, int(values.max()))
+    if top < 1:
+        raise DataLayoutError(
+            f"the {len(masks)} mask(s) hold no class but 0 (and {ignore_index} = ignore): "
+            "nothing to segment; check the masks' values (class ids, not colours)",
+            SEG_LAYOUT,
+        )
+    return top + 1
+
+
 class SegmentationFolderDataset(_ImageDataset):
     """Segmentation data as ``root/images/*`` + ``root/masks/*`` paired by file stem.
 
     Args:
         root: the folder holding ``images/`` and ``masks/``.
         num_classes: number of classes; mask values must be below it or ``ignore_index``.
+            None: read from the masks (:func:`infer_num_classes`).
         transform: joint transform called as ``transform(image, mask)`` on ``tv_tensors``.
         check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
         mode: PIL mode images are converted to.
@@ -253,7 +285,7 @@ class SegmentationFolderDataset(_ImageDataset):
     def __init__(
         self,
         root: str | os.PathLike,
-        num_classes: int,
+        num_classes: int | None,
         transform: Callable | None = None,
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
@@ -261,7 +293,7 @@ class SegmentationFolderDataset(_ImageDataset):
     ) -> None:
         self.root = Path(root)
         _check_dir(self.root, SEG_LAYOUT)
-        if num_classes < 1:
+        if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} is invalid, expected >= 1")
         missing = [d for d in ("images", "masks") if not (self.root / d).is_dir()]
         if missing:
@@ -278,6 +310,8 @@ class SegmentationFolderDataset(_ImageDataset):
                 SEG_LAYOUT,
             )
         samples = [(images[k], masks[k]) for k in sorted(images)]
+        if num_classes is None:
+            num_classes = infer_num_classes([m for _, m in samples], ignore_index)
         super().__init__(
             samples,
             task="seg",
