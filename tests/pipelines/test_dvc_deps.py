@@ -145,6 +145,8 @@ def command_modules(cmd: str) -> list[str]:
             ``python F.py``.
     """
     argv = shlex.split(cmd)
+    while argv and "=" in argv[0] and argv[0].split("=")[0].isidentifier():
+        argv.pop(0)  # leading VAR=value assignments (the stages put .venv/bin on PATH)
     scripts = _pyproject()["project"].get("scripts", {})
     if argv and argv[0] in scripts:
         import importlib
