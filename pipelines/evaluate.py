@@ -3,13 +3,18 @@
 Two test sets, each scored with and without test-time augmentation (multi-scale + flip,
 probabilities averaged; Chen et al. 2018, DeepLabv3+ Sec. 4):
 
-- ``test``: the test split at the training resolution (``img_size``), the model run whole;
+- ``test``: the test split at the training resolution (``img_size``; masks resized nearest),
+  the model run whole;
 - ``large``: the large generated images (``data.large``), where the cue is outside most
   windows. Modes: ``resize`` (the image shrunk to ``img_size``, the logits enlarged back: all
   context, little detail), ``whole`` (one pass at full size, for models that take any size),
   ``sliding`` (windows of ``img_size``, :func:`gattn.inference.sliding_window`) and
   ``sliding_global`` (the same with global-context feedback, for models with
   ``encode_context``: the Segmenter). Classifiers get ``resize`` only.
+
+Images reach the model as the served model's do: :meth:`pipelines.predictor.InputSpec.transform`
+and the ``resize`` mode's :func:`gattn.inference.resize_input` are the serving app's
+preprocessing (floats, the model's ``mean``/``std``, antialiased bilinear resizing).
 
 Scores (torchmetrics): accuracy (of pixels for segmentation), mIoU, per-class IoU, the
 confusion matrix; wall time per image (median, after a warm-up); and the
@@ -38,7 +43,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from gattn.data.views import seg_eval_transform
 from gattn.diagnostics import (
     confusion_matrix,
     effective_receptive_field,
@@ -46,14 +50,14 @@ from gattn.diagnostics import (
     save_figure,
 )
 from gattn.diagnostics.grad_cam import to_nchw
-from gattn.inference import sliding_window, tta
-from gattn.inference.tta import resize
+from gattn.inference import resize_input, sliding_window, tta
+from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
 from pipelines.config import EvaluateParams, add_params_arguments, load_params
 from pipelines.finetune import MODELS
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
-from pipelines.predictor import fixed_input_size
+from pipelines.predictor import InputSpec, fixed_input_size
 from pipelines.prepare import PREPARED, open_split
 
 REPORTS = Path("reports/evaluate")
@@ -66,8 +70,8 @@ def runners(
     """Name -> ``images (B, C, H, W) -> logits`` of every inference mode that applies."""
 
     def shrunk(x: torch.Tensor) -> torch.Tensor:
-        out = model(resize(x, (size, size)))
-        return resize(out, tuple(x.shape[-2:])) if task == "seg" else out
+        out = model(resize_input(x, (size, size)))
+        return resize_output(out, tuple(x.shape[-2:])) if task == "seg" else out
 
     def windows(context: str | None) -> Runner:
         overlap = round(p.overlap * size)
@@ -103,7 +107,7 @@ def with_tta(run: Runner, model: nn.Module, task: str, size: int, p: EvaluatePar
                 sliding_window, model, window=size, overlap=round(p.overlap * size)
             )
         else:
-            run = lambda x: model(resize(x, (size, size)))  # noqa: E731
+            run = lambda x: model(resize_input(x, (size, size)))  # noqa: E731
     return functools.partial(tta, run, scales=p.tta_scales, flip=p.tta_flip, task=task)
 
 
@@ -152,6 +156,18 @@ def _subset(ds: Dataset, limit: int | None) -> Dataset:
     return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
 
 
+def open_sets(spec: InputSpec, prepared: Path, max_samples: int | None) -> dict[str, Dataset]:
+    """The scored sets, samples already model inputs (the serving app's preprocessing):
+    ``test`` (its first ``max_samples``) at ``spec.img_size``, and ``large`` at full size
+    when the prepared data has large images."""
+    info = json.loads((Path(prepared) / "splits.json").read_text())
+    test = open_split("test", prepared, spec.transform(resize=True))
+    sets = {"test": _subset(test, max_samples)}
+    if info.get("large"):
+        sets["large"] = open_split("test", prepared, spec.transform(resize=False), large=True)
+    return sets
+
+
 def evaluate(
     p: EvaluateParams,
     model_dir: Path | str | None = None,
@@ -173,14 +189,11 @@ def evaluate(
     folder = resolve_model(model_dir or p.model or MODELS)
     model, cfg = load_model(folder)
     task, classes, size = cfg["task"], list(cfg["classes"]), int(cfg["img_size"])
+    spec = InputSpec.of(model, cfg, str(folder))
     k = len(classes)
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    info = json.loads((Path(prepared) / "splits.json").read_text())
-
-    sets = {"test": _subset(open_split("test", prepared, seg_eval_transform(size)), p.max_samples)}
-    if info.get("large"):
-        sets["large"] = open_split("test", prepared, seg_eval_transform(), large=True)
+    sets = open_sets(spec, prepared, p.max_samples)
 
     results: dict[str, dict[str, Any]] = {}
     for set_name, dataset in sets.items():

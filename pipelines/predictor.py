@@ -4,9 +4,11 @@ The serving app (:mod:`pipelines.serve`) hands a :class:`Predictor` the requests
 dynamic batch; it groups them by image size and options and runs each group as one forward
 pass, so a batch of same-sized requests costs one call of the model.
 
-Images are preprocessed as the training data was (:func:`gattn.data.views.to_float`, with the
-folder's ``mean``/``std`` when it has them). Classifiers see the image resized to the model's
-input size. Segmenters see
+Images become model inputs through the one preprocessing path the evaluate stage uses too
+(:mod:`gattn.inference.preprocess`: floats in ``[0, 1]``, the folder's ``mean``/``std`` when
+it has them, antialiased bilinear resizing as in training); :meth:`InputSpec.preprocess` and
+:meth:`InputSpec.transform` apply it with a model's settings. Classifiers see the image
+resized to the model's input size. Segmenters see
 
 - a sliding window (:func:`gattn.inference.sliding_window`, windows of the input size, with
   global-context feedback when the model takes it) for images larger than the input size
@@ -30,14 +32,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.layers import PatchEmbed
 from torch import nn
 
-from gattn.data.views import to_float
 from gattn.diagnostics import attention_rollout, grad_cam, rollout_map
-from gattn.inference import sliding_window, tta
+from gattn.inference import InputTransform, model_input, resize_input, sliding_window, tta
+from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
 
 Sliding = Literal["auto", "on", "off"]
@@ -68,13 +69,6 @@ class Job:
 def as_tensor(image: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A tensor of ``image`` (a numpy array is copied: Ray hands replicas read-only buffers)."""
     return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
-
-
-def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
-    """Bilinear resize of ``(B, C, H, W)`` to ``size`` (a no-op at that size)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def fixed_input_size(model: nn.Module) -> bool:
@@ -108,11 +102,6 @@ def cam_layer(model: nn.Module) -> tuple[str, str | None]:
         if prefix + candidate in modules:
             return prefix + candidate, layout
     raise ValueError(f"feature module {name!r} not found in {type(model).__name__}")
-
-
-@functools.lru_cache(maxsize=8)
-def _transform(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Callable:
-    return to_float(mean, std)
 
 
 @dataclass(frozen=True)
@@ -190,10 +179,19 @@ class InputSpec:
             "global_feedback": self.feedback,
         }
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A decoded image (in :attr:`mode`) as the float tensor ``(C, H, W)`` the model takes,
-        as the training data was (:func:`gattn.data.views.to_float`)."""
-        return _transform(self.mean, self.std)(image).as_subclass(torch.Tensor)
+    def preprocess(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A decoded image (in :attr:`mode`) as the float tensor ``(C, H, W)`` the model takes
+        (:func:`gattn.inference.model_input`): a classifier's at :attr:`img_size`, a
+        segmenter's at the image's own size (sliding windows, or a resize for fixed-size
+        models, are chosen per request by :class:`Predictor`)."""
+        size = self.img_size if self.task == "cls" else None
+        return model_input(image, size, self.mean, self.std)
+
+    def transform(self, resize: bool) -> InputTransform:
+        """The same preprocessing as a data set transform (``t(image)``, ``t(image, mask)``):
+        at :attr:`img_size` (masks resized nearest) when ``resize``, else at each image's
+        own size."""
+        return InputTransform(self.img_size if resize else None, self.mean, self.std)
 
     def use_sliding(self, size: tuple[int, int], options: Options) -> bool:
         """Whether a segmentation of an image of ``size`` runs on sliding windows."""
@@ -231,8 +229,8 @@ class Predictor:
         """Logits of ``x``; fixed-size models see it resized (seg logits are resized back)."""
         if not self.spec.fixed:
             return self.model(x)
-        logits = self.model(resize(x, self.spec.img_size))
-        return resize(logits, tuple(x.shape[-2:]), False) if logits.ndim == 4 else logits
+        logits = self.model(resize_input(x, self.spec.img_size))
+        return resize_output(logits, tuple(x.shape[-2:])) if logits.ndim == 4 else logits
 
     def _runner(self, size: tuple[int, int], options: Options) -> Runner:
         if self.spec.task == "seg" and self.spec.use_sliding(size, options):
@@ -252,7 +250,7 @@ class Predictor:
         (images resized to the input size first), ``(B, K, H, W)`` for a segmenter."""
         images = images.to(self.device)
         if self.spec.task == "cls":
-            images = resize(images, self.spec.img_size)
+            images = resize_input(images, self.spec.img_size)  # a no-op after preprocess()
         runner = self._runner(tuple(images.shape[-2:]), options)
         if options.tta:
             return tta(runner, images, self.tta_scales, flip=True, task=self.spec.task)  # type: ignore[arg-type]
@@ -330,7 +328,7 @@ class Predictor:
             raise ValueError(f"method must be 'auto', 'rollout' or 'grad_cam', not {method!r}")
         x = as_tensor(image)[None].to(self.device)
         if self.spec.task == "cls" or self.spec.fixed:
-            x = resize(x, self.spec.img_size)
+            x = resize_input(x, self.spec.img_size)
         if target is None:
             target = self.default_target(self.probabilities(x, Options(sliding="off"))[0])
         if not 0 <= target < self.spec.num_classes:

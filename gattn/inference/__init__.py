@@ -1,6 +1,17 @@
-"""Inference at full resolution: sliding windows with global feedback, test-time augmentation."""
+"""Inference at full resolution: sliding windows with global feedback, test-time augmentation,
+and the one preprocessing path from an image to a model's input."""
 
+from .preprocess import InputTransform, model_input, resize_input
 from .sliding_window import blend_weights, downscaled_context, sliding_window, window_starts
 from .tta import tta
 
-__all__ = ["blend_weights", "downscaled_context", "sliding_window", "tta", "window_starts"]
+__all__ = [
+    "InputTransform",
+    "blend_weights",
+    "downscaled_context",
+    "model_input",
+    "resize_input",
+    "sliding_window",
+    "tta",
+    "window_starts",
+]
