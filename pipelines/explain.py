@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from gattn.data.images import open_image
 from gattn.diagnostics import overlay_heatmap
 from pipelines.finetune import MODELS
 
@@ -57,8 +57,9 @@ def explain(
     if not image_path.is_file():
         raise FileNotFoundError(f"{image_path}: no such image")
     predictor = Predictor(resolve_model(model))
-    with Image.open(image_path) as im:
-        picture = im.convert(predictor.spec.mode)
+    # Decoded as the serving app and the data sets decode (EXIF orientation, 16-bit), then
+    # preprocessed by the same path (gattn.inference.model_input via InputSpec.preprocess).
+    picture = open_image(image_path, predictor.spec.mode)
     used, heat, target = predictor.explain(
         predictor.spec.preprocess(picture), METHODS[method], target
     )
