@@ -294,7 +294,10 @@ class FinetuneParams(Section):
     Global-context feedback is learnt for segmenters whose head takes a context: a
     ``context_crop`` share of the batches become one window (a crop of ``context_crop_scale``
     of the area, resized back) while the context vector comes from the whole image, as in
-    sliding-window inference with ``global_context="auto"``.
+    sliding-window inference with ``global_context="auto"``. ``search_tolerance``: the
+    fine-tuned model is scored on the search's validation images as the search scored its
+    trials; more than this below the trial it came from and the stage fails, registering and
+    publishing nothing (``null``: no check). ``num_workers: 0`` runs Ray Train's local mode.
     """
 
     budget_gib: float | None = Field(None, gt=0)
@@ -315,7 +318,8 @@ class FinetuneParams(Section):
     context_crop_scale: tuple[float, float] = (0.06, 0.5)
     max_samples: int | None = Field(None, ge=1)  # first N training images (null: all)
     max_val_samples: int | None = Field(None, ge=1)
-    num_workers: int = Field(1, ge=1)
+    search_tolerance: float | None = Field(0.0, ge=0)  # allowed shortfall vs the search's best
+    num_workers: int = Field(1, ge=0)  # 0: Ray Train's local mode (this process, no DDP)
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(1, ge=0)

@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,12 +55,19 @@ from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
 from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
+from pipelines.data import load_tensors, native_size
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score
+from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score, score_resized
 from pipelines.prepare import PREPARED, open_split
 from pipelines.pretrain import MODELS as PRETRAINED
 from pipelines.pretrain import data_fingerprint
-from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
+from pipelines.ray_utils import (
+    begin_epoch,
+    checkpoint_dir,
+    fit_torch_trainer,
+    mean_over_workers,
+    worker_loader,
+)
 
 BEST_JSON = Path("models/tune/best.json")
 MODELS = Path("models/finetuned")
@@ -111,6 +117,52 @@ def load_best(path: Path, budget_gib: float | None = None) -> tuple[str, dict[st
 def img_size_of(entry: Mapping[str, Any]) -> int:
     """The training input size of a ``best.json`` entry."""
     return int(entry["train"].get("img_size") or entry["model"]["img_size"])
+
+
+class WorseThanSearchError(RuntimeError):
+    """The fine-tuned model scores below the search's best trial on the trial's images."""
+
+
+def compare_with_search(
+    model: nn.Module,
+    best: Mapping[str, Any],
+    entry: Mapping[str, Any],
+    prepared: Path,
+    task: str,
+    num_classes: int,
+    size: int,
+) -> dict[str, Any]:
+    """Score ``model`` as the search scored the trial it came from: the same images (the first
+    ``best["measured_on"]["images"]`` of the split), metric and resolution
+    (:func:`pipelines.metrics.score_resized`); older ``best.json`` files without
+    ``measured_on`` are compared on the whole validation split."""
+    on = dict(best.get("measured_on") or {})
+    images, targets, _ = load_tensors(
+        prepared, on.get("split", "val"), on.get("images"), on.get("size") or native_size(prepared)
+    )
+    ours = score_resized(model, images, targets, task, size, num_classes)[METRIC[task]]
+    search = float(entry["quality"])
+    return {
+        "search_quality": search,
+        "search_split_score": float(ours),
+        "gain_over_search": float(ours) - search,
+        "search_split_images": int(images.shape[0]),
+    }
+
+
+def check_against_search(comparison: Mapping[str, Any], tolerance: float | None) -> None:
+    """Raise :class:`WorseThanSearchError` when the fine-tuned model scores more than
+    ``tolerance`` below the search's trial (``None``: no check)."""
+    if tolerance is None or comparison["gain_over_search"] >= -tolerance:
+        return
+    raise WorseThanSearchError(
+        f"finetune: the fine-tuned model scores {comparison['search_split_score']:.4f} on the "
+        f"search's {comparison['search_split_images']} validation images, below the search's "
+        f"best trial ({comparison['search_quality']:.4f}) by more than "
+        f"finetune.search_tolerance={tolerance}, so it is neither registered nor published "
+        "(reports/finetune/ has its history). Train it longer (finetune.epochs), check the "
+        "learning rate (finetune.lr), or raise finetune.search_tolerance (null: no check)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +357,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "images_per_s": images_seen / max(seconds, 1e-9),
             "lr": max(scheduler.get_last_lr()),
         }
-        with tempfile.TemporaryDirectory() as tmp:
+        with checkpoint_dir(config, epoch + 1) as tmp:
             ckpt = None
             if rank == 0:
                 inner.eval()
@@ -438,6 +490,8 @@ def finetune(
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / HISTORY).read_text())
         model.load_state_dict(load_file(str(Path(d) / BEST)))
+    best_file = json.loads(Path(best_json).read_text())
+    comparison = compare_with_search(model, best_file, entry, prepared, task, len(classes), size)
     metric = METRIC[task]
     best_row = max(history, key=lambda h: h["val_metric"])
     meta = {
@@ -482,8 +536,10 @@ def finetune(
         "pretrained_shape_mismatch": len(init["shape_mismatch"]),
         "budget_gib": float(budget),
         "wall_s": wall,
+        **comparison,
     }
     write_json(reports_dir / "metrics.json", metrics)
+    check_against_search(comparison, p.search_tolerance)
     registered = None
     if model_name:  # last, so that a failed stage registers nothing
         registered = {"name": model_name, "version": register(work, model_name)}

@@ -13,12 +13,15 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
     MulticlassJaccardIndex,
 )
+
+from gattn.inference.preprocess import resize_input
 
 IGNORE_INDEX = 255
 Task = Literal["seg", "cls"]
@@ -67,6 +70,36 @@ def score(
         out = predict(images.to(device))
         metrics.update(out.argmax(1), targets.to(device))
     return summarise(metrics.compute())
+
+
+@torch.no_grad()
+def score_resized(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    task: Task,
+    size: int,
+    num_classes: int,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """:func:`score` of ``model`` fed ``images`` resized to ``size`` px
+    (:func:`gattn.inference.resize_input`, as in training and serving); segmentation logits
+    are resized back to the targets' resolution, so models trained at any resolution are
+    scored on the same masks. ``model``'s train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        logits = model(resize_input(x, (size, size)))
+        if task == "seg" and logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    batches = zip(images.split(batch_size), targets.split(batch_size), strict=True)
+    out = score(predict, batches, task, num_classes, device)
+    model.train(was_training)
+    return out
 
 
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,6 +94,24 @@ def mean_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tenso
     return values
 
 
+@contextlib.contextmanager
+def checkpoint_dir(config: dict[str, Any], epoch: int) -> Iterator[Path]:
+    """A folder to write one epoch's checkpoint into before ``ray.train.report``.
+
+    Ray Train workers report a temporary folder, which Ray copies to the run's storage. Ray
+    Train's local mode (``num_workers: 0``: the loop runs in the driver, without worker
+    actors) keeps the reported folder where it is, so there it is a lasting folder under the
+    run's storage (``config["local_checkpoints"]``).
+    """
+    if config.get("local_checkpoints"):
+        path = Path(config["local_checkpoints"]) / f"epoch_{epoch:04d}"
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+
+
 def fit_torch_trainer(
     train_loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
@@ -102,7 +121,8 @@ def fit_torch_trainer(
 ) -> tuple[Any, float]:
     """Run a Ray Train V2 ``TorchTrainer`` the way every training stage does.
 
-    DDP over ``p.num_workers`` workers (NCCL on GPU, gloo on CPU), ``p.cpus_per_worker`` CPUs
+    DDP over ``p.num_workers`` workers (NCCL on GPU, gloo on CPU; ``0``: Ray Train's local
+    mode, the loop in this process with ``p.cpus_per_worker`` threads), ``p.cpus_per_worker`` CPUs
     each, ``p.max_failures`` worker failures survived from the last checkpoint, the two
     newest checkpoints kept, under ``storage/name`` (so a rerun of the same name resumes).
     Runs inside :func:`local_ray`.
@@ -124,6 +144,8 @@ def fit_torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if p.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
+        loop_config = {**loop_config, "local_checkpoints": str(storage / name / "local")}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -131,7 +153,7 @@ def fit_torch_trainer(
         scaling_config=ScalingConfig(
             num_workers=p.num_workers,
             use_gpu=p.use_gpu,
-            resources_per_worker={"CPU": p.cpus_per_worker},
+            resources_per_worker={"CPU": p.cpus_per_worker} if p.num_workers else None,
         ),
         run_config=RunConfig(
             name=name,

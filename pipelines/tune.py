@@ -54,18 +54,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from gattn import modules as registry
 from gattn.budget import estimate_peak_memory, peak_memory, train_step
 from gattn.budget.recommend import best_fitting
+from gattn.inference.preprocess import resize_input
 from gattn.models import build_model, model_stages
 from gattn.models.pretrained import load_pretrained, read_encoder
 from gattn.ssl.schedules import warmup_cosine
 from pipelines.config import ParamsError, TuneParams, add_params_arguments, load_params
+from pipelines.data import load_tensors, native_size
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.metrics import METRIC, class_weights, score
-from pipelines.prepare import PREPARED, open_split
+from pipelines.metrics import METRIC, class_weights, score_resized
+from pipelines.prepare import PREPARED
 
 MODELS = Path("models/tune")
 REPORTS = Path("reports/tune")
@@ -203,60 +204,8 @@ def trial_id(sample: Mapping[str, Any]) -> str:
 # Data and pretrained weights.
 
 
-def load_tensors(
-    prepared: Path, split: str, limit: int | None, size: int
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The first ``limit`` images of a split as one float tensor at ``size`` x ``size`` (masks
-    resized nearest), their targets, and the task kind (``seg``/``cls``)."""
-    from torchvision.transforms import v2
-
-    from gattn.data.views import seg_eval_transform, to_float
-
-    kind = json.loads((Path(prepared) / "splits.json").read_text())["kind"]
-    transform = (
-        seg_eval_transform(size)
-        if kind == "seg"
-        else v2.Compose([v2.Resize((size, size)), to_float()])
-    )
-    ds: Dataset = open_split(split, prepared, transform)
-    n = len(ds) if limit is None else min(limit, len(ds))  # type: ignore[arg-type]
-    images, targets = zip(*(ds[i] for i in range(n)), strict=True)
-    return (
-        torch.stack([torch.as_tensor(x) for x in images]),
-        torch.as_tensor(torch.stack(targets) if kind == "seg" else targets),
-        kind,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # One trial.
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, kind: str, size: int, k: int
-) -> float:
-    """Quality (:data:`pipelines.metrics.METRIC`, by :func:`pipelines.metrics.score`, as the
-    finetune stage scores) on ``images`` fed at ``size`` px; segmentation logits are scored at
-    the targets' resolution, so every resolution is scored on the same masks."""
-    model.eval()
-    device = next(model.parameters()).device
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        logits = model(_resize(x, size))
-        if kind == "seg":
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
-
-    scores = score(predict, zip(images.split(64), targets.split(64), strict=True), kind, k, device)
-    model.train()
-    return float(scores[METRIC[kind]])
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _resize_targets(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -320,7 +269,7 @@ def train_epoch(
     out = {"steps": 0.0, "images": 0.0, "seconds": 0.0, "loss": 0.0, "peak_bytes": 0.0}
     for idx in _batches(len(images), batch_size, gen):
         x, y = _flip(images[idx], targets[idx], gen)
-        x, y = _resize(x, size).to(device), _resize_targets(y, size).to(device)
+        x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
         if measure and out["steps"] == 1:
             out["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
         else:
@@ -446,7 +395,7 @@ def train_config(
         if epoch == 0:
             if stats["steps"] < 2:  # one step per epoch: measure a second one now
                 x, y = context["train"][0][:batch_size], context["train"][1][:batch_size]
-                x, y = _resize(x, size).to(device), _resize_targets(y, size).to(device)
+                x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
                 stats["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
             row["peak_memory_gib"] = stats["peak_bytes"] / GIB
         images += stats["images"]
@@ -458,7 +407,9 @@ def train_config(
             loss=stats["loss"],
             images_per_s=images / max(seconds, 1e-9),
             train_s=seconds,
-            quality=evaluate(model, *context["val"], context["kind"], size, context["num_classes"]),
+            quality=score_resized(
+                model, *context["val"], context["kind"], size, context["num_classes"]
+            )[METRIC[context["kind"]]],
         )
         report(dict(row))
     return model
@@ -635,12 +586,6 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def native_size(prepared: Path) -> int:
-    """The side of the first training image (generated data sets have one size)."""
-    image = open_split("train", prepared)[0][0]
-    return int(max(image.shape[-2:]))
-
-
 def data_context(
     prepared: Path, pretrained: Path | None, p: TuneParams, seed: int
 ) -> dict[str, Any]:
@@ -726,8 +671,13 @@ def write_outputs(
     wall: float,
     out_dir: Path,
     reports_dir: Path,
+    measured_on: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``best.json`` (atomically, as a folder) and the reports; return the metrics."""
+    """Write ``best.json`` (atomically, as a folder) and the reports; return the metrics.
+
+    ``measured_on`` (``split``, ``images``, ``size``, ``metric``) says which images every
+    trial's ``quality`` was scored on, so that the finetune stage can score its model on the
+    same ones (:func:`pipelines.metrics.score_resized`)."""
     budgets = sorted(p.budgets_gib)
     for row in rows:
         row["weight_decay"] = p.weight_decay
@@ -743,6 +693,7 @@ def write_outputs(
         work / "best.json",
         {
             "task": kind,
+            "measured_on": dict(measured_on or {}),
             "budgets_gib": budgets,
             "per_budget": per_budget,
             "selected_budget": _key(selected),
@@ -814,7 +765,15 @@ def tune_stage(
     context = data_context(Path(prepared), pretrained, p, seed)
     name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{trial_id(p.model_dump(mode='json'))}"
     rows, wall = sweep(p, context, name)
-    metrics = write_outputs(rows, p, context["kind"], wall, Path(out_dir), Path(reports_dir))
+    measured_on = {
+        "split": "val",
+        "images": int(context["val"][0].shape[0]),
+        "size": int(context["val"][0].shape[-1]),
+        "metric": METRIC[context["kind"]],
+    }
+    metrics = write_outputs(
+        rows, p, context["kind"], wall, Path(out_dir), Path(reports_dir), measured_on
+    )
     return {"metrics": metrics, "rows": rows, "name": name}
 
 

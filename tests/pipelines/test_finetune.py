@@ -15,7 +15,13 @@ from gattn.data.views import seg_eval_transform
 from gattn.models import build_model, load_model
 from pipelines.cli import main
 from pipelines.config import FinetuneParams, ParamsError, PretrainParams
-from pipelines.finetune import layer_id, load_best, param_groups
+from pipelines.finetune import (
+    WorseThanSearchError,
+    finetune,
+    layer_id,
+    load_best,
+    param_groups,
+)
 from pipelines.metrics import score
 from pipelines.prepare import open_split
 from pipelines.pretrain import ENCODER, encoder_config
@@ -36,12 +42,12 @@ SEG = {
 }
 
 
-def best_json(path: Path, model: dict, budgets=("0.5", "1.0")) -> Path:
+def best_json(path: Path, model: dict, budgets=("0.5", "1.0"), quality: float = 0.0) -> Path:
     entry = {
         "trial": "t0",
         "model": model,
         "train": {"lr": 2e-3, "batch_size": 4, "img_size": model["img_size"]},
-        "quality": 0.1,
+        "quality": quality,
         "metric": "miou",
         "peak_memory_gib": 0.1,
         "images_per_s": 10.0,
@@ -147,6 +153,47 @@ def test_cli_finetunes_keeps_the_best_epoch_and_registers_the_champion(
     run = mlflow.search_runs(experiment_names=["gattn"], output_format="list")[0]
     assert run.data.tags["gattn.registered_version"] == "1"
     assert run.data.metrics["best_score"] == pytest.approx(cfg["best_score"])
+
+
+@pytest.mark.slow
+def test_finetune_is_deterministic_in_a_ray_worker_and_in_process(
+    tmp_path: Path, prepared: Path, pretrained: Path, ray_local: None
+) -> None:
+    """The stage twice, in a Ray Train worker and in Ray Train's local mode (this process):
+    the same weights to the bit and the same figures. Then against a search that claims a
+    better trial than the model reaches: the stage refuses to publish it."""
+    best = best_json(tmp_path / "best.json", SEG)
+    runs = []
+    for workers in (1, 0):
+        p = FinetuneParams(
+            epochs=2,
+            warmup_epochs=0.5,
+            cpus_per_worker=1,
+            num_workers=workers,
+            storage=str(tmp_path / f"ray{workers}"),
+        )
+        out = finetune(p, 0, best, pretrained, prepared, tmp_path / f"m{workers}", tmp_path / "r")
+        runs.append((load_file(str(tmp_path / f"m{workers}" / "model.safetensors")), out))
+    (w1, a), (w0, b) = runs
+    assert all(torch.equal(w1[k], w0[k]) for k in w1)
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a["metrics"]["best_score"] == b["metrics"]["best_score"]
+    # Scored as the search scores: all val images here (no measured_on in this best.json).
+    assert a["metrics"]["search_split_images"] == len(open_split("val", prepared))
+    assert a["metrics"]["gain_over_search"] == pytest.approx(a["metrics"]["search_split_score"])
+
+    claimed = a["metrics"]["search_split_score"] + 0.05
+    better = best_json(tmp_path / "better.json", SEG, quality=claimed)
+    p = FinetuneParams(epochs=2, warmup_epochs=0.5, cpus_per_worker=1, num_workers=0)
+    p = p.model_copy(update={"storage": str(tmp_path / "ray0")})
+    with pytest.raises(WorseThanSearchError, match="search_tolerance"):
+        finetune(p, 0, better, pretrained, prepared, tmp_path / "m-worse", tmp_path / "r2")
+    assert not (tmp_path / "m-worse").exists()  # nothing published
+    metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert metrics["gain_over_search"] == pytest.approx(-0.05)
+    p = p.model_copy(update={"search_tolerance": 0.1})  # within tolerance: published
+    finetune(p, 0, better, pretrained, prepared, tmp_path / "m-ok", tmp_path / "r3")
+    assert (tmp_path / "m-ok" / "model.safetensors").is_file()
 
 
 def test_finetune_section_is_validated() -> None:

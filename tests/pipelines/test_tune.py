@@ -95,6 +95,41 @@ def test_feasible_trial_trains_and_measures(context: dict) -> None:
     assert row["peak_memory_gib"] == pytest.approx(row["estimated_memory_gib"], rel=0.15)
 
 
+def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
+    context: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same sample, context and seed: the same figures to the last digit and the same
+    weights; every step's learning rate is finetune's warm-up + cosine at the sample's peak."""
+    p = tiny(epochs=3, warmup_epochs=1.0, min_lr_ratio=0.1)
+    ctx = {**context, "params": p.model_dump(mode="json")}
+    cfg = tune_mod.model_config(SAMPLE, p, ctx["kind"], ctx["num_classes"], ctx["in_chans"])
+    lrs: list[float] = []
+    step = tune_mod.train_step
+
+    def recording_step(model, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return step(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(tune_mod, "train_step", recording_step)
+
+    def train(seed: int) -> tuple[dict, dict]:
+        row: dict = {"steps": 0}
+        c = {**ctx, "seed": seed}
+        model = tune_mod.train_config(SAMPLE, c, p, dict(cfg), torch.device("cpu"), row, print)
+        return row, model.state_dict()
+
+    (a, wa), (b, wb), (_, wc) = train(0), train(0), train(1)
+    assert (a["quality"], a["loss"], a["steps"]) == (b["quality"], b["loss"], b["steps"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)  # the seed does matter
+
+    total, per_epoch = a["steps"], a["steps"] // 3
+    peak = SAMPLE["lr"]
+    expected = [peak * tune_mod.warmup_cosine(s, total, 1.0, 0.1, per_epoch) for s in range(total)]
+    assert lrs[:total] == pytest.approx(expected)
+    assert max(lrs) == pytest.approx(peak, rel=0.05) and lrs[total - 1] < 0.5 * peak
+
+
 def test_crashing_and_oom_trials_are_recorded(
     context: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
