@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     found = read_encoder(ROOT / "models/pretrained")
     fits = found is not None and same_backbone(found[0], entry["model"])
     if found is None:  # without an encoder, the stage's default init would fail
-        params.finetune.init = "scratch"
+        scratch = params.finetune.model_copy(update={"init": "scratch"})
+        params = params.model_copy(update={"finetune": scratch})
     for name in args.variants:
         if "init" in (VARIANTS[name] or {}) and not fits:
             print(f"[ablation] {name}: skipped, no pretrained encoder fits the config's backbone")

@@ -3,7 +3,7 @@
 torchmetrics accumulates over batches (and, where a process group is up, across workers):
 accuracy (of images, or of labelled pixels), per-class IoU (Jaccard) with classes absent from
 both prediction and target left out of the mean (``nan``, not 0), and the confusion matrix.
-Segmentation targets use 255 as "ignore".
+Segmentation targets use :data:`gattn.data.IGNORE_INDEX` (255) as "ignore".
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
+from gattn.data.datasets import IGNORE_INDEX
 from gattn.inference.preprocess import resize_input
 
-IGNORE_INDEX = 255
 Task = Literal["seg", "cls"]
 METRIC = {"seg": "miou", "cls": "accuracy"}  # the selection metric of each task
 
@@ -106,7 +106,7 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Loss weights ``1 / sqrt(frequency)`` of each class among ``targets`` (pixels or
     labels; 255 ignored), scaled so the average weight per target is 1; absent classes get
     the largest weight."""
-    valid = targets[targets != 255].flatten().long()
+    valid = targets[targets != IGNORE_INDEX].flatten().long()
     freq = torch.bincount(valid, minlength=num_classes)[:num_classes].double()
     freq = freq / freq.sum().clamp(min=1)
     w = freq.clamp(min=freq[freq > 0].min() if (freq > 0).any() else 1.0).rsqrt()

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gattn.data.datasets import IGNORE_INDEX
 from gattn.models import build_model
 
 from .memory import StoragePeak, peak_memory
-
-IGNORE_INDEX = 255
 
 __all__ = [
     "IGNORE_INDEX",

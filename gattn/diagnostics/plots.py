@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from gattn.data.datasets import IGNORE_INDEX  # noqa: E402
+
 # Distinct colours for class ids 1..; id 0 (background) stays transparent in overlays.
 _CLASS_COLOURS = plt.get_cmap("tab10").colors
 
@@ -31,7 +33,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def colorize_mask(mask: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+def colorize_mask(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """RGBA image of a class-id mask: class ``k >= 1`` in colour ``k``, background clear."""
     rgba = np.zeros((*mask.shape, 4), np.float32)
     for k in np.unique(mask):

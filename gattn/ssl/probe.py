@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gattn.data.datasets import IGNORE_INDEX
+
 __all__ = [
     "LinearProbe",
     "extract_features",
@@ -35,7 +37,9 @@ __all__ = [
 ]
 
 
-def image_labels(masks: torch.Tensor, background: int = 0, ignore_index: int = 255) -> torch.Tensor:
+def image_labels(
+    masks: torch.Tensor, background: int = 0, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Image-level labels of segmentation masks: the most frequent foreground class.
 
     Args:
