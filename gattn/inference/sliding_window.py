@@ -84,12 +84,12 @@ def blend_weights(
     if blend != "gaussian":
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
 
-    def axis(n: int) -> torch.Tensor:
+    def axis(n: int) -> torch.Tensor:  # maximum 1, so the outer product's maximum is 1
         x = torch.arange(n, device=device, dtype=torch.float64) - (n - 1) / 2
-        return torch.exp(-0.5 * (x / (GAUSSIAN_SIGMA_SCALE * n)) ** 2)
+        g = torch.exp(-0.5 * (x / (GAUSSIAN_SIGMA_SCALE * n)) ** 2)
+        return (g / g.max()).to(dtype)
 
-    weight = torch.outer(axis(h), axis(w))
-    return (weight / weight.max()).clamp_min(_MIN_WEIGHT).to(dtype)
+    return torch.outer(axis(h), axis(w)).clamp_min_(_MIN_WEIGHT)
 
 
 def downscaled_context(model: nn.Module, image: torch.Tensor, context_size: Size) -> torch.Tensor:
@@ -178,6 +178,13 @@ def auto_batch_size(activation_bytes: int, num_windows: int, device: torch.devic
     return int(max(1, min(num_windows, MAX_AUTO_BATCH, budget // max(per_window, 1))))
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """Memory format of ``x``: channels-last only where it is that and not plain contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Whether ``channels_last="auto"`` runs windows channels-last: on CPU, for models with 2-d
     convolutions (oneDNN runs NHWC natively and reorders NCHW inputs and outputs of every
@@ -208,8 +215,10 @@ def sliding_window(
     bilinearly to the window. Put the model in eval mode first; gradients are not tracked.
 
     Each window is copied once (into the batch, in the chosen memory format), its logits are
-    multiplied by the blending weight and added into the output in one in-place
-    ``addcmul_``, and the output is divided by the summed weights in place at the end.
+    multiplied by the blending weight and added into an accumulator in one in-place
+    ``addcmul_`` (the accumulator takes the logits' memory layout, as strided adds cost twice
+    as much), and the sum is divided by the summed weights at the end, into a contiguous
+    ``(B, K, H, W)`` tensor (cropped to ``H, W`` when the image was padded).
 
     Args:
         model: Segmentation model.
@@ -279,11 +288,12 @@ def sliding_window(
     i, n = 0, 1 if auto_batch else int(batch_size)  # type: ignore[arg-type]
     while i < len(crops):
         chunk = crops[i : i + n]
-        logits, activation_bytes = forward(chunk, measure=auto_batch and i == 0)
+        logits, activation_bytes = forward(chunk, measure=auto_batch and i == 0 and len(crops) > 1)
         if logits.shape[-2:] != win:
             logits = F.interpolate(logits, size=win, mode="bilinear", align_corners=False)
-        if out is None:
-            out = torch.zeros(B, logits.shape[1], Hp, Wp, device=device)
+        if out is None:  # accumulate in the logits' layout: strided adds cost 2x
+            shape = (B, logits.shape[1], Hp, Wp)
+            out = torch.empty(shape, device=device, memory_format=_layout(logits)).zero_()
         for (b, y, x), tile in zip(chunk, logits, strict=True):
             out[b, :, y : y + win[0], x : x + win[1]].addcmul_(tile, weight)
         i += len(chunk)
@@ -295,4 +305,6 @@ def sliding_window(
     for y in ys:
         for x in xs:
             norm[y : y + win[0], x : x + win[1]] += weight
-    return out.div_(norm)[..., :H, :W]
+    if out.is_contiguous():
+        return out.div_(norm)[..., :H, :W]
+    return torch.div(out, norm, out=torch.empty(out.shape, device=device))[..., :H, :W]

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from gattn.inference import blend_weights, sliding_window, window_starts
+from gattn.inference.sliding_window import (
+    MAX_AUTO_BATCH,
+    auto_batch_size,
+    cache_bytes,
+    largest_activation,
+    prefers_channels_last,
+)
+
+# The module itself (the package exports a function of the same name).
+sliding_window_module = importlib.import_module("gattn.inference.sliding_window")
 
 
 def pointwise_model(in_chans: int = 3, num_classes: int = 5) -> nn.Module:
@@ -148,3 +161,171 @@ def test_channels_last_and_batching_leave_a_segmenter_output_unchanged():
     ref = sliding_window(model, image, 32, 8, batch_size=1)
     fast = sliding_window(model, image, 32, 8, batch_size=4, channels_last=True)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+# --- Batch size, memory layout and the accumulation, against a plain one-window loop ---------
+
+
+def conv_model(num_classes: int = 3) -> nn.Module:
+    """3x3 convs: a window's output depends on its border, so windows must be placed right."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 3, padding=1)
+    ).eval()
+
+
+def plain_weights(h: int, w: int, blend: str) -> torch.Tensor:
+    """The gaussian (sigma = size / 8, peak 1, floor 1e-6) written out element by element."""
+    if blend == "constant":
+        return torch.ones(h, w, dtype=torch.float64)
+
+    def axis(n: int) -> list[float]:
+        g = [math.exp(-0.5 * ((i - (n - 1) / 2) / (n / 8)) ** 2) for i in range(n)]
+        return [v / max(g) for v in g]
+
+    gy, gx = axis(h), axis(w)
+    return torch.tensor([[max(a * b, 1e-6) for b in gx] for a in gy], dtype=torch.float64)
+
+
+@torch.no_grad()
+def plain_loop(
+    model: nn.Module, image: torch.Tensor, window: int, overlap: int, blend: str
+) -> torch.Tensor:
+    """One window per forward in float64 sums; the last window of a row/column is flush with
+    the edge; an image smaller than the window is zero-padded and cropped back."""
+    B, C, H, W = image.shape
+    Hp, Wp = max(H, window), max(W, window)
+    padded = torch.zeros(B, C, Hp, Wp)
+    padded[:, :, :H, :W] = image
+    stride = window - overlap
+
+    def starts(size: int) -> list[int]:
+        s = list(range(0, size - window + 1, stride))
+        return s if s[-1] == size - window else [*s, size - window]
+
+    weight = plain_weights(window, window, blend)
+    total = norm = None
+    for b in range(B):
+        for y in starts(Hp):
+            for x in starts(Wp):
+                logits = model(padded[b : b + 1, :, y : y + window, x : x + window]).double()
+                if total is None:
+                    total = torch.zeros(B, logits.shape[1], Hp, Wp, dtype=torch.float64)
+                    norm = torch.zeros(B, 1, Hp, Wp, dtype=torch.float64)
+                total[b, :, y : y + window, x : x + window] += logits[0] * weight
+                norm[b, :, y : y + window, x : x + window] += weight
+    return (total / norm)[..., :H, :W].float()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize("hw", [(70, 90), (64, 64), (20, 45)])
+@pytest.mark.parametrize(
+    ("batch_size", "channels_last"),
+    [("auto", "auto"), (None, False), (1, True), (5, False), (1000, True)],
+)
+def test_matches_a_plain_one_window_loop(blend, hw, batch_size, channels_last):
+    model = conv_model()
+    image = torch.rand(2, 3, *hw)
+    out = sliding_window(
+        model, image, 32, 8, batch_size=batch_size, blend=blend, channels_last=channels_last
+    )
+    assert out.shape == (2, 3, *hw) and out.dtype == torch.float32
+    torch.testing.assert_close(out, plain_loop(model, image, 32, 8, blend), rtol=1e-4, atol=1e-5)
+
+
+def test_blend_weights_equal_the_written_out_gaussian():
+    for h, w in [(32, 32), (15, 9), (256, 128)]:
+        expected = plain_weights(h, w, "gaussian").float()
+        torch.testing.assert_close(blend_weights((h, w)), expected, rtol=1e-6, atol=1e-12)
+
+
+class Recorder(nn.Module):
+    """A 1x1 conv that records the batch size of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.conv(x)
+
+
+def test_auto_batch_runs_one_window_then_what_fits_the_cache(monkeypatch):
+    # 1 MiB of L2, budget 2 MiB; the largest activation of a 32x32 window is the 3-channel
+    # input, 12 KiB: 170 windows fit, capped at MAX_AUTO_BATCH (64) and the windows left.
+    monkeypatch.setattr(sliding_window_module, "cache_bytes", lambda level=2: 1 << 20)
+    model = Recorder().eval()
+    image = torch.rand(1, 3, 32 + 24 * 11, 32 + 24 * 11)  # 12 x 12 = 144 windows
+    sliding_window(model, image, 32, 8)
+    assert model.calls == [1, 64, 64, 15]
+    # Larger activations, smaller batches: 96x96 windows, 108 KiB inputs -> 18 per pass.
+    model.calls.clear()
+    sliding_window(model, torch.rand(1, 3, 96 + 48 * 4, 96 + 48 * 4), 96, 48)
+    assert model.calls == [1, 18, 6]
+
+
+def test_auto_batch_size_rule(monkeypatch):
+    monkeypatch.setattr(sliding_window_module, "cache_bytes", lambda level=2: 2 << 20)
+    cpu = torch.device("cpu")
+    assert auto_batch_size(1 << 20, 100, cpu) == 4  # 4 MiB budget
+    assert auto_batch_size(4 << 20, 100, cpu) == 1
+    assert auto_batch_size(16 << 20, 100, cpu) == 1  # never below 1
+    assert auto_batch_size(1 << 10, 100, cpu) == MAX_AUTO_BATCH
+    assert auto_batch_size(1 << 10, 3, cpu) == 3  # never more than the windows left
+
+
+def test_largest_activation_sees_every_submodule():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 2, 1)).eval()
+    x = torch.rand(1, 3, 20, 30)
+    with torch.no_grad():
+        out, largest = largest_activation(model, x)
+        torch.testing.assert_close(out, model(x))
+    assert largest == 16 * 20 * 30 * 4
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_cache_bytes_is_a_positive_size():
+    assert cache_bytes() > 0
+
+
+def test_channels_last_auto_picks_conv_models_on_cpu():
+    cpu = torch.device("cpu")
+    assert prefers_channels_last(conv_model(), cpu)
+    assert not prefers_channels_last(nn.Sequential(nn.Flatten(), nn.Linear(3, 3)), cpu)
+
+
+def test_output_is_contiguous_nchw_after_channels_last_windows():
+    out = sliding_window(conv_model(), torch.rand(1, 3, 64, 80), 32, 8, channels_last=True)
+    assert out.is_contiguous()
+
+
+def test_half_precision_logits_are_accumulated_in_float32():
+    class Half(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :2].half()
+
+    image = torch.rand(1, 3, 40, 50)
+    out = sliding_window(Half(), image, 16, 4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, image[:, :2].half().float())
+
+
+def test_bad_batch_size_is_refused():
+    for bad in (0, -1, "big", 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            sliding_window(conv_model(), torch.rand(1, 3, 40, 40), 16, 4, batch_size=bad)
+
+
+def test_constant_blending_equals_monai():
+    """Optional reference (``pip install .[bench]``): MONAI's sliding_window_inference."""
+    inferers = pytest.importorskip("monai.inferers")
+    model = conv_model()
+    image = torch.rand(2, 3, 70, 90)
+    with torch.no_grad():
+        expected = inferers.sliding_window_inference(
+            image, 32, 4, model, overlap=8 / 32, mode="constant"
+        )
+    out = sliding_window(model, image, 32, 8, blend="constant")
+    torch.testing.assert_close(out, torch.as_tensor(expected), rtol=1e-5, atol=1e-5)
