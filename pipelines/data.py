@@ -41,7 +41,13 @@ def load_tensors(
     )
 
 
-def native_size(prepared: Path) -> int:
-    """The side of the first training image (generated data sets have one size)."""
+def native_size(prepared: Path, largest: int | None = None) -> int:
+    """The side a split is held at: a generated data set's one image side; for your own
+    images (``folder-*`` tasks, any sizes) ``largest``, the largest resolution a trial trains
+    at, so no image is forced to the first one's size (and a large first photo does not make
+    every tensor large). Without ``largest``, the first training image's side."""
+    info = json.loads((Path(prepared) / "splits.json").read_text())
+    if largest is not None and str(info.get("task", "")).startswith("folder"):
+        return int(largest)
     image = open_split("train", prepared)[0][0]
     return int(max(image.shape[-2:]))

@@ -592,7 +592,7 @@ def data_context(
     """What every trial shares: data tensors (at the data's own size; each trial resizes to
     its resolution), classes, channels, the pretrained encoder and the device."""
     info = json.loads((Path(prepared) / "splits.json").read_text())
-    size = native_size(prepared)
+    size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
     train_x, train_y, kind = load_tensors(prepared, "train", p.max_train_samples, size)
     val_x, val_y, _ = load_tensors(prepared, "val", p.max_val_samples, size)
     use_gpu = p.gpus_per_trial > 0 and torch.cuda.is_available()
