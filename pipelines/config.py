@@ -501,7 +501,11 @@ class TuneParams(Section):
                         "(add it there or pick one of them)"
                     )
         if self.grace_period > self.epochs:
-            raise ValueError("grace_period must not exceed epochs")
+            raise ValueError(
+                f"tune.grace_period: {self.grace_period} epochs before ASHA may stop a trial, "
+                f"but a trial trains tune.epochs={self.epochs}; set tune.grace_period <= "
+                "tune.epochs (e.g. --set tune.grace_period=1 with --set tune.epochs=1)"
+            )
         return self
 
     def choices(self, kind: str) -> dict[str, list[Any]]:

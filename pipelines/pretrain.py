@@ -67,14 +67,20 @@ STEP_STATS = ("teacher_entropy", "teacher_kl_to_mean")  # DINO's per-step collap
 
 
 class ImageOnly:
-    """Apply a view to the image of a sample and pass a segmentation mask through."""
+    """Apply a view to the image of a sample; a segmentation mask becomes its image-level label
+    (:func:`gattn.ssl.probe.image_labels`, the only target pretraining and its probe use), so
+    samples of any size batch together (your own images keep their sizes, and so their
+    masks)."""
 
     def __init__(self, view: Any) -> None:
         self.view = view
 
     def __call__(self, image: Any, *target: Any) -> Any:
         out = self.view(image)
-        return (out, *target) if target else out
+        if not target:
+            return out
+        mask = torch.as_tensor(target[0])
+        return out, image_labels(mask[None])[0]
 
 
 def data_fingerprint(prepared: Path) -> str:
@@ -326,7 +332,8 @@ def _step_figures(p: PretrainParams, steps: list[dict[str, Any]], reports_dir: P
 
 
 def probe_view(img_size: int) -> ImageOnly:
-    """The probe's deterministic view: resize to the encoder's size, to float (mask untouched)."""
+    """The probe's deterministic view: resize to the encoder's size, to float (a mask becomes
+    its image-level label)."""
     return ImageOnly(v2.Compose([v2.Resize((img_size, img_size)), to_float()]))
 
 
@@ -337,7 +344,7 @@ def probe(
 
     The random encoder is the trained one's starting point: the same seed and the same
     :func:`build_objective` call as the training workers. Segmentation targets become
-    image-level labels with :func:`gattn.ssl.probe.image_labels`.
+    image-level labels with :func:`gattn.ssl.probe.image_labels` (in :class:`ImageOnly`).
 
     Returns:
         ``probe_{knn,linear}_acc`` (pretrained), ``probe_{knn,linear}_acc_random``, their
@@ -345,7 +352,6 @@ def probe(
     """
     q = p.probe
     info = json.loads((Path(prepared) / "splits.json").read_text())
-    target_fn = image_labels if info["kind"] == "seg" else None
     train = open_split("train", prepared, probe_view(p.img_size))
     if q.max_train:
         train = Subset(train, range(min(len(train), q.max_train)))
@@ -357,7 +363,7 @@ def probe(
         encoder = build_model(cfg)
         encoder.load_state_dict(state)
         sets = [
-            extract_features(encoder, DataLoader(ds, batch_size=q.batch_size), target_fn=target_fn)
+            extract_features(encoder, DataLoader(ds, batch_size=q.batch_size))
             for ds in (train, query)
         ]
         acc = probe_accuracies(

@@ -52,3 +52,28 @@ def test_folder_images_keep_their_sizes_and_tune_holds_them_at_its_largest_size(
 @pytest.mark.parametrize("largest", [None, 64])
 def test_generated_data_is_held_at_its_own_size(prepared: Path, largest: int | None) -> None:
     assert native_size(prepared, largest) == 32  # the prepared fixture: cue-seg at 32 px
+
+
+def test_pretraining_batches_segmentation_photos_of_any_size(tmp_path: Path) -> None:
+    """The pretrain stage's views (and its probe's) turn a mask into its image-level label, so
+    masks of different sizes never meet in one batch (collate failed on them)."""
+    from torch.utils.data import DataLoader
+
+    from gattn.data import SegmentationFolderDataset
+    from gattn.ssl.probe import image_labels
+    from pipelines.config import PretrainParams
+    from pipelines.pretrain import probe_view, train_view
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i, (w, h) in enumerate([(40, 30), (17, 64), (50, 50)]):
+        Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[: h // 2] = i + 1
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
+    plain = SegmentationFolderDataset(tmp_path, None)
+    expected = [int(image_labels(plain[i][1][None])[0]) for i in range(3)]
+    for view in (train_view(PretrainParams(img_size=16)), probe_view(16)):
+        ds = SegmentationFolderDataset(tmp_path, None, transform=view)
+        images, labels = next(iter(DataLoader(ds, batch_size=3)))
+        assert images.shape == (3, 3, 16, 16) and labels.tolist() == expected == [1, 2, 3]
