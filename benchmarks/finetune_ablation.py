@@ -13,8 +13,8 @@ prepared default data (``data/prepared``; run ``gattn prepare`` first) it is tra
   ``finetune`` section);
 - and as the finetune stage with one setting switched: the context-crop share, the
   learning-rate schedule (constant vs warm-up + cosine), pretrained init, epochs, class
-  weighting, the validation subset that picks the best epoch, and Ray Train's local mode
-  (the same loop in this process) vs a Ray Train worker.
+  weighting, the validation subset that picks the best epoch, and a Ray Train worker vs Ray
+  Train's local mode (the same loop in this process, which the other variants use).
 
 Every model is scored the same way: val and test mIoU at the training size
 (:func:`pipelines.metrics.score`), and on the large 256 px test images with sliding windows,
@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "epochs=4": {"epochs": 4},
     "balance_classes=false": {"balance_classes": False},
     "max_val_samples=64": {"max_val_samples": 64},
-    "in-process (Ray Train local mode)": {"num_workers": 0},
+    "Ray Train worker": {"num_workers": 1},
     "init=scratch": {"init": "scratch"},
     "init=pretrained": {"init": "pretrained"},
 }
@@ -254,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, raw = [], []
     found = read_encoder(ROOT / "models/pretrained")
     fits = found is not None and same_backbone(found[0], entry["model"])
+    # Ray Train's local mode: the same loop in this process, bit-identical to one Ray Train
+    # worker (tests/pipelines/test_finetune.py), which the "Ray Train worker" variant runs.
+    base = {"num_workers": 0}
     if found is None:  # without an encoder, the stage's default init would fail
-        scratch = params.finetune.model_copy(update={"init": "scratch"})
-        params = params.model_copy(update={"finetune": scratch})
+        base["init"] = "scratch"
+    params = params.model_copy(update={"finetune": params.finetune.model_copy(update=base)})
     for name in args.variants:
         if "init" in (VARIANTS[name] or {}) and not fits:
             print(f"[ablation] {name}: skipped, no pretrained encoder fits the config's backbone")

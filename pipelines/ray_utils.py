@@ -42,14 +42,22 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
     if started and os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
     elif started:
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, num_cpus or 0),
-            num_gpus=None if use_gpu else 0,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            configure_logging=False,
-        )
+        for attempt in range(3):  # a busy machine can keep the raylet past Ray's 30 s start
+            try:
+                ray.init(
+                    address="local",
+                    num_cpus=max(os.cpu_count() or 1, num_cpus or 0),
+                    num_gpus=None if use_gpu else 0,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    configure_logging=False,
+                )
+                break
+            except Exception as err:
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    raise
+                ray.shutdown()
+                print(f"ray: local node slow to start on a busy machine, retrying ({err})")
     try:
         yield
     finally:
@@ -162,7 +170,8 @@ def fit_torch_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    with local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu):
+    ray_up = local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
+    with ray_up if p.num_workers else contextlib.nullcontext():  # local mode needs no Ray
         t0 = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - t0
