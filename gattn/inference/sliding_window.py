@@ -20,6 +20,7 @@ runs one pass over the whole image downscaled to ``context_size`` through
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -227,8 +228,9 @@ def sliding_window(
         overlap: Overlap of neighbouring windows in pixels (stride = window - overlap).
         batch_size: Windows per forward pass (windows of all images are batched together), or
             ``"auto"``/``None``: the first window runs alone while forward hooks record the
-            largest activation, and the rest run :func:`auto_batch_size` at a time (a budget
-            of 2 L2 caches on CPU, free memory on CUDA).
+            largest activation, and the rest run in equal batches of at most
+            :func:`auto_batch_size` windows (a budget of 2 L2 caches on CPU, free memory on
+            CUDA).
         blend: ``"gaussian"`` or ``"constant"`` weights, see :func:`blend_weights`.
         global_context: ``None`` (no feedback), a ``(B, C_g)`` tensor given to every window of
             its image, or ``"auto"``: :func:`downscaled_context` of the whole image.
@@ -297,8 +299,9 @@ def sliding_window(
         for (b, y, x), tile in zip(chunk, logits, strict=True):
             out[b, :, y : y + win[0], x : x + win[1]].addcmul_(tile, weight)
         i += len(chunk)
-        if auto_batch and i == 1:
-            n = auto_batch_size(activation_bytes, len(crops) - 1, device)
+        if auto_batch and i == 1:  # the rest in equal batches of at most the budget
+            left = len(crops) - 1
+            n = math.ceil(left / math.ceil(left / auto_batch_size(activation_bytes, left, device)))
     assert out is not None  # at least one window per image
 
     norm = torch.zeros(Hp, Wp, device=device)

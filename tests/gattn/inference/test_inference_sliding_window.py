@@ -254,16 +254,17 @@ class Recorder(nn.Module):
 
 def test_auto_batch_runs_one_window_then_what_fits_the_cache(monkeypatch):
     # 1 MiB of L2, budget 2 MiB; the largest activation of a 32x32 window is the 3-channel
-    # input, 12 KiB: 170 windows fit, capped at MAX_AUTO_BATCH (64) and the windows left.
+    # input, 12 KiB: 170 windows fit, capped at MAX_AUTO_BATCH (64); the 143 windows left run
+    # in 3 equal batches.
     monkeypatch.setattr(sliding_window_module, "cache_bytes", lambda level=2: 1 << 20)
     model = Recorder().eval()
     image = torch.rand(1, 3, 32 + 24 * 11, 32 + 24 * 11)  # 12 x 12 = 144 windows
     sliding_window(model, image, 32, 8)
-    assert model.calls == [1, 64, 64, 15]
-    # Larger activations, smaller batches: 96x96 windows, 108 KiB inputs -> 18 per pass.
+    assert model.calls == [1, 48, 48, 47]
+    # Larger activations, smaller batches: 96x96 windows, 108 KiB inputs -> 18 at most.
     model.calls.clear()
     sliding_window(model, torch.rand(1, 3, 96 + 48 * 4, 96 + 48 * 4), 96, 48)
-    assert model.calls == [1, 18, 6]
+    assert model.calls == [1, 12, 12]
 
 
 def test_auto_batch_size_rule(monkeypatch):
