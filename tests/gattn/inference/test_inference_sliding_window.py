@@ -277,6 +277,14 @@ def test_auto_batch_size_rule(monkeypatch):
     assert auto_batch_size(1 << 10, 3, cpu) == 3  # never more than the windows left
 
 
+def test_auto_batch_size_on_cuda_uses_a_quarter_of_free_memory(monkeypatch):
+    # No GPU needed: only the free-memory query is device-specific.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    cuda = torch.device("cuda")
+    assert auto_batch_size(16 << 20, 100, cuda) == 32  # 2 GiB / (4 x 16 MiB)
+    assert auto_batch_size(1 << 30, 100, cuda) == 1
+
+
 def test_largest_activation_sees_every_submodule():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 2, 1)).eval()
     x = torch.rand(1, 3, 20, 30)
