@@ -306,8 +306,8 @@ def sliding_window(
         for (b, y, x), tile in zip(chunk, logits, strict=True):
             out[b, :, y : y + win[0], x : x + win[1]].addcmul_(tile, weight)
         i += len(chunk)
-        if auto_batch and i == 1:  # the rest in equal batches of at most the budget
-            left = len(crops) - 1
+        left = len(crops) - i
+        if auto_batch and i == 1 and left:  # the rest in equal batches of at most the budget
             n = math.ceil(left / math.ceil(left / auto_batch_size(activation_bytes, left, device)))
     assert out is not None  # at least one window per image
 

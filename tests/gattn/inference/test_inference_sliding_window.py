@@ -218,7 +218,7 @@ def plain_loop(
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
-@pytest.mark.parametrize("hw", [(70, 90), (64, 64), (20, 45)])
+@pytest.mark.parametrize("hw", [(70, 90), (64, 64), (20, 45), (32, 32), (10, 20)])
 @pytest.mark.parametrize(
     ("batch_size", "channels_last"),
     [("auto", "auto"), (None, False), (1, True), (5, False), (1000, True)],
