@@ -140,35 +140,47 @@ def _tensors(value: object) -> list[torch.Tensor]:
 
 
 def largest_activation(model: nn.Module, *args: object, **kwargs: object) -> tuple[object, int]:
-    """``model(*args, **kwargs)`` and the bytes of the largest tensor that it or any of its
-    submodules returned (its inputs included), from forward hooks removed afterwards."""
-    largest = max((t.nbytes for t in _tensors(args)), default=0)
+    """``model(*args, **kwargs)`` and the bytes of the largest tensor that its submodules
+    returned, recorded by forward hooks removed afterwards.
+
+    The model's own inputs and output count only when no submodule returned a tensor: they
+    are streamed once (copied in, blended out), while inner activations are read again by the
+    next layers, which is where the cache matters. (A ViT segmenter's input window and its
+    logits upsampled to the window are the largest tensors of its forward and the cheapest.)
+    """
+    largest = 0
 
     def record(_module: nn.Module, _inputs: object, output: object) -> None:
         nonlocal largest
         largest = max([largest, *(t.nbytes for t in _tensors(output))])
 
-    modules = list(model.modules()) if isinstance(model, nn.Module) else []
-    handles = [m.register_forward_hook(record) for m in modules]
+    submodules = list(model.modules())[1:] if isinstance(model, nn.Module) else []
+    handles = [m.register_forward_hook(record) for m in submodules]
     try:
         output = model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return output, max([largest, *(t.nbytes for t in _tensors(output))])
+    if not largest:
+        largest = max(t.nbytes for t in _tensors([args, output]))
+    return output, largest
 
 
 def auto_batch_size(activation_bytes: int, num_windows: int, device: torch.device) -> int:
     """Windows per forward pass such that the largest activation stays within a memory budget.
 
-    CPU: ``CACHE_BUDGET_FACTOR`` (2) times one core's L2 cache (:func:`cache_bytes`). A small
-    model runs at memory bandwidth once its layers' outputs fall out of cache, so batching
-    windows pays only while they stay near it (and the per-call overhead is worth
-    amortising). Measured on 2 cores with 2 MiB L2 each (``benchmarks/sliding_window.py``):
-    a 3-conv net runs 256 px windows (4 MiB activations) 1.5-2x slower per window in batches
-    of 8 than one at a time, while 64 px windows run 1.8x faster in batches of 8; a ViT
-    segmenter is fastest at 4-8 windows of 256 px and 1 of 512 px. Budgets of 1 x L2 and
-    4 x L2 each missed the best fixed batch by 10-15% on one of these.
+    CPU: ``CACHE_BUDGET_FACTOR`` (2) times one core's L2 cache (:func:`cache_bytes`), for the
+    largest activation inside the model (:func:`largest_activation`). Batching amortises the
+    per-call overhead and feeds matrix products more rows, but once a layer's output falls out
+    of cache the elementwise layers run at memory bandwidth. Measured per window on 2 cores
+    with 2 MiB of L2 each, one thread, channels-last (``benchmarks/sliding_window.py``): the
+    3-conv net (16-channel activations: 1 MiB at 128 px, 4 MiB at 256 px) is ~1.9x faster
+    in batches of 8 at 64 px, about even from 2 to 8 at 128 px and ~1.9x slower in batches of
+    8 at 256 px; the ViT segmenter (largest inner activation, the MLP's hidden tokens: 96 KiB
+    at 128 px, 384 KiB at 256 px, 1.5 MiB at 512 px) is fastest in batches of 16-64, 8-16
+    and 1-2 windows there (2.3x, 1.3x and 1.04x faster than one at a time) and 20% slower in
+    batches of 32 at 256 px or 8 at 512 px. This rule picks 16, 4, 1 (CNN) and 42, 10, 2
+    (ViT). The measurements are noisy (shared machine, +-10%).
     CUDA: a quarter of the free device memory, at 4 activations of the largest size per window
     (a forward keeps a few alive), to fill the device without risking out-of-memory.
 

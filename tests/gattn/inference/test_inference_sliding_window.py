@@ -253,18 +253,21 @@ class Recorder(nn.Module):
 
 
 def test_auto_batch_runs_one_window_then_what_fits_the_cache(monkeypatch):
-    # 1 MiB of L2, budget 2 MiB; the largest activation of a 32x32 window is the 3-channel
-    # input, 12 KiB: 170 windows fit, capped at MAX_AUTO_BATCH (64); the 143 windows left run
-    # in 3 equal batches.
+    # 1 MiB of L2, budget 2 MiB; the largest activation of a 32x32 window is the conv's
+    # 2-channel output, 8 KiB: 256 windows fit, capped at MAX_AUTO_BATCH (64); the 143 windows
+    # left run in 3 equal batches.
     monkeypatch.setattr(sliding_window_module, "cache_bytes", lambda level=2: 1 << 20)
     model = Recorder().eval()
     image = torch.rand(1, 3, 32 + 24 * 11, 32 + 24 * 11)  # 12 x 12 = 144 windows
     sliding_window(model, image, 32, 8)
     assert model.calls == [1, 48, 48, 47]
-    # Larger activations, smaller batches: 96x96 windows, 108 KiB inputs -> 18 at most.
+    # Larger activations, smaller batches: 96x96 windows, 72 KiB outputs -> 28 at most.
     model.calls.clear()
     sliding_window(model, torch.rand(1, 3, 96 + 48 * 4, 96 + 48 * 4), 96, 48)
-    assert model.calls == [1, 12, 12]
+    assert model.calls == [1, 24]
+    model.calls.clear()
+    sliding_window(model, torch.rand(1, 3, 96 + 48 * 6, 96 + 48 * 6), 96, 48)  # 49 windows
+    assert model.calls == [1, 24, 24]
 
 
 def test_auto_batch_size_rule(monkeypatch):
@@ -293,6 +296,16 @@ def test_largest_activation_sees_every_submodule():
         torch.testing.assert_close(out, model(x))
     assert largest == 16 * 20 * 30 * 4
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_largest_activation_of_a_model_without_submodules_is_its_input_or_output():
+    class Ones(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ones(x.shape[0], 5, *x.shape[-2:])
+
+    with torch.no_grad():
+        _, largest = largest_activation(Ones(), torch.rand(1, 3, 20, 30))
+    assert largest == 5 * 20 * 30 * 4
 
 
 def test_cache_bytes_is_a_positive_size():
