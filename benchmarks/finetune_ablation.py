@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "finetune": {},
     "tune trial": None,
     "context_crop=0": {"context_crop": 0.0},
+    "context_crop=0.15, epochs=12": {"context_crop": 0.15, "epochs": 12},
+    "context_crop=0.25": {"context_crop": 0.25},
     "context_crop=0.5": {"context_crop": 0.5},
     "epochs=20": {"epochs": 20},
     "constant lr": {"warmup_epochs": 0.0, "min_lr_ratio": 1.0},

@@ -97,15 +97,7 @@ def readme_commands(text: str) -> list[Command]:
 COMMANDS = readme_commands(README.read_text())
 # Commands the README still writes wrongly (issue 14 proposes the fixed text). Matched by
 # text: once the README is fixed, nothing here matches and the list can go.
-README_TO_FIX = {
-    "serve deploy models/deploy/serve_config.yaml",
-    "gattn launch tune --address http://127.0.0.1:8265 --params params-gpu.yaml "
-    "--workdir /mnt/cluster_storage/gattn",
-    "gattn launch pretrain --address http://127.0.0.1:8265 --params params-gpu.yaml --no-wait",
-    # tune.grace_period is 2 since 5a3ea40: one epoch needs --set tune.grace_period=1 too.
-    "RAY_AUTH_MODE=disabled .venv/bin/gattn launch tune --address http://127.0.0.1:8265 "
-    "--set tune.num_samples=2 --set tune.epochs=1 --set data.num_samples=100",
-}
+README_TO_FIX: set[str] = set()  # README commands known to be wrong (xfail); none now
 
 
 def _user_path() -> str:
