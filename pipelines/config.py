@@ -302,7 +302,7 @@ class FinetuneParams(Section):
 
     budget_gib: float | None = Field(None, gt=0)
     init: Literal["pretrained", "scratch"] = "pretrained"
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int | None = Field(None, ge=1)  # per worker; null: best.json's
     lr: float | None = Field(None, gt=0)  # peak AdamW lr; null: best.json's
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
@@ -314,7 +314,7 @@ class FinetuneParams(Section):
     crop_scale: tuple[float, float] = (1.0, 1.0)
     hflip: bool = True
     balance_classes: bool = True  # CE weights 1/sqrt(class frequency), as in the search
-    context_crop: float = Field(0.5, ge=0, le=1)
+    context_crop: float = Field(0.15, ge=0, le=1)
     context_crop_scale: tuple[float, float] = (0.06, 0.5)
     max_samples: int | None = Field(None, ge=1)  # first N training images (null: all)
     max_val_samples: int | None = Field(None, ge=1)
