@@ -1,1 +1,2 @@
-"""gattn: global-context modules for vision models (modules, models, data, ssl, inference, diagnostics, budget)."""
+"""gattn: global-context modules for vision models, and the models, data, self-supervised
+objectives, inference and diagnostics built on them."""
