@@ -238,7 +238,8 @@ def sliding_window(
     multiplied by the blending weight and added into an accumulator in one in-place
     ``addcmul_`` (the accumulator takes the logits' memory layout, as strided adds cost twice
     as much), and the sum is divided by the summed weights at the end, into a contiguous
-    ``(B, K, H, W)`` tensor (cropped to ``H, W`` when the image was padded).
+    ``(B, K, H, W)`` tensor (cropped to ``H, W`` when the image was padded). With one window
+    per image, its logits are copied out as they are.
 
     Args:
         model: Segmentation model.
@@ -289,6 +290,7 @@ def sliding_window(
     ys = window_starts(Hp, win[0], strides[0])
     xs = window_starts(Wp, win[1], strides[1])
     crops = [(b, y, x) for b in range(B) for y in ys for x in xs]
+    single = len(ys) == len(xs) == 1
     weight = blend_weights(win, blend, device=device)
 
     def forward(chunk: list[tuple[int, int, int]], measure: bool) -> tuple[torch.Tensor, int]:
@@ -312,16 +314,23 @@ def sliding_window(
         logits, activation_bytes = forward(chunk, measure=auto_batch and i == 0 and len(crops) > 1)
         if logits.shape[-2:] != win:
             logits = F.interpolate(logits, size=win, mode="bilinear", align_corners=False)
-        if out is None:  # accumulate in the logits' layout: strided adds cost 2x
-            shape = (B, logits.shape[1], Hp, Wp)
-            out = torch.empty(shape, device=device, memory_format=_layout(logits)).zero_()
-        for (b, y, x), tile in zip(chunk, logits, strict=True):
-            out[b, :, y : y + win[0], x : x + win[1]].addcmul_(tile, weight)
+        if single:  # one window per image: its logits are the blend
+            out = torch.empty(B, logits.shape[1], Hp, Wp, device=device) if out is None else out
+            for (b, _, _), tile in zip(chunk, logits, strict=True):
+                out[b].copy_(tile)
+        else:
+            if out is None:  # accumulate in the logits' layout: strided adds cost 2x
+                shape = (B, logits.shape[1], Hp, Wp)
+                out = torch.empty(shape, device=device, memory_format=_layout(logits)).zero_()
+            for (b, y, x), tile in zip(chunk, logits, strict=True):
+                out[b, :, y : y + win[0], x : x + win[1]].addcmul_(tile, weight)
         i += len(chunk)
         left = len(crops) - i
         if auto_batch and i == 1 and left:  # the rest in equal batches of at most the budget
             n = math.ceil(left / math.ceil(left / auto_batch_size(activation_bytes, left, device)))
     assert out is not None  # at least one window per image
+    if single:
+        return out[..., :H, :W]
 
     norm = torch.zeros(Hp, Wp, device=device)
     for y in ys:
