@@ -92,6 +92,7 @@ COLUMNS = [
     "large_sliding",
     "large_sliding_global",
     "feedback_gain",
+    "seeds",
     "per_seed_test",
     "train_s",
 ]
@@ -173,10 +174,17 @@ def scores(model: Any, prepared: Path, size: int, num_classes: int) -> dict[str,
 
 
 def run_piece(
-    name: str, seed: int, params: Any, entry: dict[str, Any], prepared: Path, work: Path
-) -> dict[str, Any]:
+    name: str,
+    seed: int,
+    params: Any,
+    entry: dict[str, Any],
+    prepared: Path,
+    work: Path,
+    cached_only: bool = False,
+) -> dict[str, Any] | None:
     """One (variant, seed): train, score, cache under a key of what it trains with (config,
-    tune or effective finetune section, seed); a cached piece is read back."""
+    tune or effective finetune section, seed); a cached piece is read back. With
+    ``cached_only`` a piece not yet run is None."""
     section = finetune_section(name, params)
     what = params.tune if section is None else section.model_copy(update={"storage": ""})
     key = json.dumps(
@@ -187,6 +195,8 @@ def run_piece(
     done = piece / "result.json"
     if done.is_file():
         return {**json.loads(done.read_text()), "variant": name}
+    if cached_only:
+        return None
     piece.mkdir(parents=True, exist_ok=True)
     num_classes = len(json.loads((prepared / "splits.json").read_text())["classes"])
     print(f"[ablation] {name}, seed {seed} ...", flush=True)
@@ -246,6 +256,7 @@ def summarise(name: str, results: list[dict[str, Any]], params: Any) -> dict[str
         "large_sliding": mean("large_sliding"),
         "large_sliding_global": mean("large_sliding_global"),
         "feedback_gain": mean("large_sliding_global") - mean("large_sliding"),
+        "seeds": " ".join(str(r["seed"]) for r in results),
         "per_seed_test": " / ".join(f"{r['test_miou']:.3f}" for r in results),
         "train_s": mean("train_s"),
     }
@@ -260,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--best", type=Path, default=None, help="a best.json (default: fixed point)")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs/finetune_ablation")
     ap.add_argument("--out", default="finetune_ablation")
+    ap.add_argument(
+        "--cached-only", action="store_true", help="write the table from the pieces run so far"
+    )
     args = ap.parse_args(argv)
     if not (args.data / "splits.json").is_file():
         ap.error(f"{args.data}: no prepared data; run `gattn prepare` first")
@@ -287,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(f"[ablation] {name}: skipped, the same as the recipe before")
             continue
-        results = [run_piece(name, s, params, entry, args.data, work) for s in args.seeds]
+        pieces = [
+            run_piece(name, s, params, entry, args.data, work, args.cached_only) for s in args.seeds
+        ]
+        results = [r for r in pieces if r is not None]
+        if not results:
+            continue
         raw += results
         rows.append(summarise(name, results, params))
     meta = {
