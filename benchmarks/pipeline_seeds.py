@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("tune", "finetune", "evaluate")
 FIGURES = [
     "search_best",
     "global_attn_point",
@@ -48,21 +49,31 @@ FIGURES = [
 
 
 def run_seed(seed: int, work: Path, gattn: str) -> None:
-    """The tune, finetune and evaluate stages at ``seed`` into ``work``."""
+    """The tune, finetune and evaluate stages at ``seed`` into ``work``; a stage whose report
+    exists is not rerun. A finetune that the stage refuses (below its trial: see
+    ``finetune.search_tolerance``) publishes no model, so evaluate is skipped."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{(work / 'mlflow.db').resolve()}"}
-    common = ["--set", f"seed={seed}", "--data", str(ROOT / "data/prepared")]
+    data = ["--data", str(ROOT / "data/prepared")]
     pretrained = ["--pretrained", str(ROOT / "models/pretrained")]
-    steps = [
-        ["tune", *common, *pretrained, "--out", str(work / "models/tune")],
-        ["finetune", *common, *pretrained, "--best", str(work / "models/tune/best.json")],
-        ["evaluate", "--data", str(ROOT / "data/prepared"), "--model", str(work / "model")],
-    ]
-    steps[0] += ["--reports", str(work / "reports/tune")]
-    steps[1] += ["--out", str(work / "model"), "--reports", str(work / "reports/finetune")]
-    steps[2] += ["--reports", str(work / "reports/evaluate")]
-    for step in steps:
-        print(f"[seeds] seed {seed}: gattn {shlex.join(step)}", flush=True)
-        subprocess.run([gattn, *step], check=True, env=env, cwd=ROOT)
+    out = {stage: ["--reports", str(work / "reports" / stage)] for stage in STAGES}
+    steps = {
+        "tune": [*data, *pretrained, "--out", str(work / "models/tune")],
+        "finetune": [*data, *pretrained, "--best", str(work / "models/tune/best.json")],
+        "evaluate": [*data, "--model", str(work / "model")],
+    }
+    steps["finetune"] += ["--out", str(work / "model")]
+    for stage in STAGES:
+        if (work / "reports" / stage / "metrics.json").is_file():
+            continue
+        if stage == "evaluate" and not (work / "model").is_dir():
+            print(f"[seeds] seed {seed}: no published model, evaluate skipped", flush=True)
+            return
+        cmd = [gattn, stage, *(["--set", f"seed={seed}"] if stage != "evaluate" else [])]
+        cmd += [*steps[stage], *out[stage]]
+        print(f"[seeds] seed {seed}: {shlex.join(cmd[1:])}", flush=True)
+        done = subprocess.run(cmd, env=env, cwd=ROOT)
+        if done.returncode and stage != "finetune":
+            raise SystemExit(f"seed {seed}: gattn {stage} failed ({done.returncode})")
 
 
 def figures(reports: Path) -> dict[str, Any]:
@@ -75,17 +86,30 @@ def figures(reports: Path) -> dict[str, Any]:
         if t["module"] == "global_attn" and t["family"] == "cnn" and t["position"] == "last"
     ]
     finetune = json.loads((reports / "finetune/metrics.json").read_text())
-    evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
-    sliding, feedback = evaluate["large.sliding"]["miou"], evaluate["large.sliding_global"]["miou"]
-    return {
+    row: dict[str, Any] = {
         "search_best": max(float(t["quality"]) for t in trials),
+        "search_pick": "{family} +{module}@{position}".format(
+            **max(trials, key=lambda t: float(t["quality"]))
+        ),
         "global_attn_point": point[0] if point else None,
         "champion_val": finetune["search_split_score"],
-        "champion_test": evaluate["test.plain"]["miou"],
-        "large_sliding": sliding,
-        "large_sliding_global": feedback,
-        "feedback_gain": feedback - sliding,
+        "champion_test": None,
+        "large_sliding": None,
+        "large_sliding_global": None,
+        "feedback_gain": None,
     }
+    if not (reports / "evaluate/metrics.json").is_file():
+        row["search_pick"] += " (finetune refused: below its trial)"
+        return row
+    evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
+    sliding, feedback = evaluate["large.sliding"]["miou"], evaluate["large.sliding_global"]["miou"]
+    row.update(
+        champion_test=evaluate["test.plain"]["miou"],
+        large_sliding=sliding,
+        large_sliding_global=feedback,
+        feedback_gain=feedback - sliding,
+    )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = args.work / f"seed-{seed}"
             reports = work / "reports"
-            if not (reports / "evaluate/metrics.json").is_file():
-                run_seed(seed, work, gattn)
+            run_seed(seed, work, gattn)
         rows.append({"seed": seed, **figures(reports)})
     for name, fn in (("mean", statistics.fmean), ("spread", lambda v: max(v) - min(v))):
         rows.append(
             {
                 "seed": name,
                 **{
-                    k: fn([r[k] for r in rows[: len(args.seeds)] if r[k] is not None])
+                    k: fn(v)
+                    if (v := [r[k] for r in rows[: len(args.seeds)] if r[k] is not None])
+                    else None
                     for k in FIGURES
                 },
             }
@@ -132,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "on the test split at 64 px; large_*: the 256 px test images through 64 px sliding "
         "windows without / with global-context feedback. spread = max - min over seeds."
     )
-    write_results(args.out, rows, ["seed", *FIGURES], meta, note)
+    write_results(args.out, rows, ["seed", "search_pick", *FIGURES], meta, note)
     return 0
 
 
