@@ -679,8 +679,10 @@ def write_outputs(
     trial's ``quality`` was scored on, so that the finetune stage can score its model on the
     same ones (:func:`pipelines.metrics.score_resized`)."""
     budgets = sorted(p.budgets_gib)
-    for row in rows:
+    for row in rows:  # a trial that never reported (stopped, process lost) has no figures
         row["weight_decay"] = p.weight_decay
+        row.setdefault("metric", METRIC[kind])
+        row.setdefault("quality", 0.0)
     trained = [point(r) for r in rows if r["status"] == "ok"]
     front = pareto_front(trained)
     per_budget = best_per_budget(trained, budgets)
@@ -774,6 +776,12 @@ def tune_stage(
     metrics = write_outputs(
         rows, p, context["kind"], wall, Path(out_dir), Path(reports_dir), measured_on
     )
+    if not metrics["num_ok"]:
+        raise RuntimeError(
+            f"tune: none of {len(rows)} trials finished an epoch (statuses in "
+            f"{Path(reports_dir) / 'trials.csv'}); on a busy machine raise tune.time_budget_s "
+            "or lower tune.max_concurrent"
+        )
     return {"metrics": metrics, "rows": rows, "name": name}
 
 

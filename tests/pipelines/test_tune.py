@@ -275,3 +275,14 @@ def test_recommend_cli_reads_the_pareto_file(tmp_path: Path, capsys: pytest.Capt
     pareto.write_text("{not json")
     assert main([*base, "--memory", "3"]) == 2
     assert "rerun `gattn tune`" in capsys.readouterr().err
+
+
+def test_trials_that_never_reported_are_written_and_the_stage_says_why(tmp_path: Path) -> None:
+    """A sweep whose trials were all stopped before their first report (a busy machine, a
+    too-short time budget): the outputs are still written, every trial as stopped."""
+    rows = [{"trial": "t1", "status": "stopped", "summary": "", "config": dict(SAMPLE)}]
+    metrics = tune_mod.write_outputs(rows, tiny(), "seg", 1.0, tmp_path / "m", tmp_path / "r")
+    assert metrics["num_ok"] == 0 and metrics["num_stopped"] == 1
+    with open(tmp_path / "r" / "trials.csv") as f:
+        (trial,) = list(csv.DictReader(f))
+    assert trial["status"] == "stopped" and trial["metric"] == "miou"
