@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def sync(device: torch.device) -> None:
@@ -92,3 +93,16 @@ def write_results(
     header = f"# {name}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n"
     _atomic_write(md_path, header + markdown_table(rows, columns) + ("\n" + notes if notes else ""))
     return json_path, md_path
+
+
+def fill_readme(marker: str, table: str, readme: Path = README) -> None:
+    """Replace the text between ``<!-- marker -->`` and ``<!-- /marker -->`` in the README.
+
+    The README's result tables are written by the scripts that measure them, never by hand.
+    """
+    text = readme.read_text()
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: no '{start.strip()}' ... '{end}' block to fill")
+    head, rest = text.split(start, 1)
+    _atomic_write(readme, head + start + table + rest[rest.index(end) :])

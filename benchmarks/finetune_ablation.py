@@ -38,7 +38,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, _atomic_write, environment, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    _atomic_write,
+    environment,
+    fill_readme,
+    markdown_table,
+    write_results,
+)
 
 from gattn.data.views import seg_eval_transform  # noqa: E402
 from gattn.models import build_model, load_model  # noqa: E402
@@ -239,6 +246,23 @@ def settings(name: str, params: Any) -> str:
     )
 
 
+def readme_table(rows: list[dict[str, Any]]) -> str:
+    """The README's ablation table (between its ``<!-- ablation -->`` markers)."""
+    shown = [
+        {
+            "variant": r["variant"],
+            "val mIoU": f"{r['val_miou']:.3f}",
+            "test mIoU (spread)": f"{r['test_miou']:.3f} ({r['test_spread']:.3f})",
+            "large: sliding → + feedback": (
+                f"{r['large_sliding']:.2f} → {r['large_sliding_global']:.2f}"
+            ),
+            "seeds": r["seeds"],
+        }
+        for r in rows
+    ]
+    return markdown_table(shown, list(shown[0]) if shown else ["variant"])
+
+
 def summarise(name: str, results: list[dict[str, Any]], params: Any) -> dict[str, Any]:
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in results)
@@ -271,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--best", type=Path, default=None, help="a best.json (default: fixed point)")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs/finetune_ablation")
     ap.add_argument("--out", default="finetune_ablation")
+    ap.add_argument("--no-readme", action="store_true", help="do not fill the README's table")
     ap.add_argument(
         "--cached-only", action="store_true", help="write the table from the pieces run so far"
     )
@@ -289,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray Train's local mode: the same loop in this process, bit-identical to one Ray Train
     # worker (tests/pipelines/test_finetune.py), which the "Ray Train worker" variant runs.
     base = {"num_workers": 0}
-    if found is None:  # without an encoder, the stage's default init would fail
+    if not fits:  # no encoder for this backbone: the stage would fail or train from scratch
         base["init"] = "scratch"
     params = params.model_copy(update={"finetune": params.finetune.model_copy(update=base)})
     for name in args.variants:
@@ -324,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "with global-context feedback. Spread = max - min over seeds."
     )
     write_results(args.out, rows, COLUMNS, meta, note)
+    if not args.no_readme:
+        fill_readme("ablation", readme_table(rows))
     _atomic_write(RESULTS / f"{args.out}_runs.json", json.dumps(raw, indent=1) + "\n")
     return 0
 

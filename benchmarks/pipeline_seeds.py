@@ -1,6 +1,6 @@
 """The default pipeline's headline figures over training seeds: mean and spread, fresh runs.
 
-Usage: ``python benchmarks/pipeline_seeds.py [--seeds 0 1 2]`` after ``make run``.
+Usage: ``python benchmarks/pipeline_seeds.py [--seeds 0 1 2 3 4]`` after ``make run``.
 
 For each seed the tune, finetune and evaluate stages run as ``make run`` runs them (their own
 commands, ``--set seed=S``) on the prepared default data and pretrained encoder of the last
@@ -14,7 +14,7 @@ Figures per seed: the search's best trial and the global-attention fixed point (
 the trial's validation images), the champion's val mIoU on the same images, its test mIoU at
 64 px, and on the large 256 px images sliding windows without and with global-context feedback.
 Writes ``benchmarks/results/<--out>.{json,md}``: one row per seed, then mean and spread
-(max - min).
+(max - min), and the README's seeds table (``--no-readme``: not).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import fill_readme, markdown_table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("tune", "finetune", "evaluate")
@@ -114,9 +114,10 @@ def figures(reports: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--work", type=Path, default=ROOT / "outputs/pipeline_seeds")
     ap.add_argument("--out", default="pipeline_seeds")
+    ap.add_argument("--no-readme", action="store_true", help="do not fill the README's table")
     args = ap.parse_args(argv)
     own_seed = int(yaml.safe_load((ROOT / "params.yaml").read_text())["seed"])
     gattn = str(Path(sys.executable).parent / "gattn")
@@ -158,7 +159,27 @@ def main(argv: list[str] | None = None) -> int:
         "windows without / with global-context feedback. spread = max - min over seeds."
     )
     write_results(args.out, rows, ["seed", "search_pick", *FIGURES], meta, note)
+    if not args.no_readme:
+        fill_readme("seeds", readme_table(rows))
     return 0
+
+
+def readme_table(rows: list[dict[str, Any]]) -> str:
+    """The README's seeds table (between its ``<!-- seeds -->`` markers)."""
+    names = {
+        "seed": "seed",
+        "search_pick": "search pick",
+        "search_best": "search best (trial)",
+        "champion_val": "champion, same val images",
+        "champion_test": "champion test",
+        "large_sliding": "large sliding",
+        "large_sliding_global": "+ feedback",
+    }
+    shown = [
+        {names[k]: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items() if k in names}
+        for r in rows
+    ]
+    return markdown_table(shown, list(names.values()))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,16 @@ are 1x1 convolutions to ``inter_channels``:
 so the affinity is ``HW x ceil(H/s) ceil(W/s)``: memory ``(HW)^2 / s^2``. ``ceil_mode`` keeps
 the last row/column of odd-sized maps.
 
-The block starts as the exact identity: the last affine map of ``W_z`` (the norm's scale and
-shift, or the conv when ``norm_layer=None``) is zeroed (paper, Sec. 4.1). Only that one is
-zeroed; zeroing the conv as well would leave every gradient but the norm's shift at zero.
+By default the block starts as the exact identity: the last affine map of ``W_z`` (the norm's
+scale and shift, or the conv when ``norm_layer=None``) is zeroed (paper, Sec. 4.1). Only that one
+is zeroed; zeroing the conv as well would leave every gradient but the norm's shift at zero.
+
+``zero_init=False`` starts the block as a working attention path instead. With the zero start,
+``theta``, ``phi`` and ``g`` receive no gradient until the norm's scale has grown, and in a short
+run (the tune stage's 4-epoch trials on cue-seg) the block never found the distant cue on 3 of 4
+seeds; with a working start it found it in the first epoch on all 4
+(``benchmarks/results/tune_points.md``). The paper's long ImageNet/Kinetics schedules can afford
+the zero start; short budgets cannot.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class NonLocalBlock(nn.Module):
         sub_sample: Max-pooling factor applied to keys and values; ``1`` disables it.
         norm_layer: Norm after the output conv ``W_z`` (``nn.BatchNorm2d`` in the paper);
             ``None`` for a biased conv only.
+        zero_init: Start as the identity by zeroing ``W_z``'s last affine map (the paper);
+            ``False`` keeps its default init, so the attention path learns from the first step.
     """
 
     def __init__(
@@ -78,6 +87,7 @@ class NonLocalBlock(nn.Module):
         mode: NonLocalMode = "embedded_gaussian",
         sub_sample: int = 1,
         norm_layer: NormFactory | None = nn.BatchNorm2d,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("embedded_gaussian", "dot_product"):
@@ -85,6 +95,7 @@ class NonLocalBlock(nn.Module):
         if sub_sample < 1:
             raise ValueError(f"sub_sample must be >= 1, got {sub_sample}")
         self.mode = mode
+        self.zero_init = zero_init
         self.inter_channels = inter_channels or max(channels // 2, 1)
         d = self.inter_channels
         self.theta = nn.Conv2d(channels, d, 1)
@@ -93,17 +104,20 @@ class NonLocalBlock(nn.Module):
         self.pool = nn.MaxPool2d(sub_sample, ceil_mode=True) if sub_sample > 1 else nn.Identity()
         self.proj = nn.Conv2d(d, channels, 1, bias=norm_layer is None)
         self.norm = norm_layer(channels) if norm_layer is not None else nn.Identity()
-        if norm_layer is not None and getattr(self.norm, "weight", None) is None:
+        if zero_init and norm_layer is not None and getattr(self.norm, "weight", None) is None:
             raise ValueError("norm_layer must have an affine weight to start as the identity")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for conv in (self.theta, self.phi, self.g, self.proj):
             conv.reset_parameters()
+        if not isinstance(self.norm, nn.Identity):
+            self.norm.reset_parameters()
+        if not self.zero_init:
+            return
         if isinstance(self.norm, nn.Identity):
             last = self.proj
         else:
-            self.norm.reset_parameters()
             last = self.norm
         nn.init.zeros_(last.weight)
         if last.bias is not None:

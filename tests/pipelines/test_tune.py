@@ -286,3 +286,36 @@ def test_trials_that_never_reported_are_written_and_the_stage_says_why(tmp_path:
     with open(tmp_path / "r" / "trials.csv") as f:
         (trial,) = list(csv.DictReader(f))
     assert trial["status"] == "stopped" and trial["metric"] == "miou"
+
+
+def test_asha_never_stops_a_fixed_point_early_but_stops_sampled_trials() -> None:
+    """Four trials reach ASHA's rung at epoch 1 with falling scores: the sampled ones below the
+    rung's cutoff (top half) stop, the fixed point below it runs on."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    points = [{"module": "ppm", "lr": 0.003}]
+    sched = tune_mod.points_run_to_end(
+        points, "training_iteration", max_t=4, grace_period=1, reduction_factor=2
+    )
+    sched.set_search_properties("quality", "max")
+    configs = [
+        {"module": "none", "lr": 0.01},
+        {"module": "se", "lr": 0.01},
+        {"module": "ppm", "lr": 0.003},  # the fixed point, scoring worst
+        {"module": "ppm", "lr": 0.002},  # a sampled trial of the same module, also worst
+    ]
+    trials = [SimpleNamespace(trial_id=f"t{i}", config=c) for i, c in enumerate(configs)]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    actions = [
+        sched.on_trial_result(None, t, {"training_iteration": 1, "quality": q})
+        for t, q in zip(trials, [0.8, 0.7, 0.2, 0.2], strict=True)
+    ]
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    assert actions == [go, stop, go, stop]  # the point runs on, the same module sampled does not
+    assert tune_mod.is_point(configs[2], points) and not tune_mod.is_point(configs[3], points)
+    # At max_t the point stops like any trial.
+    final = sched.on_trial_result(None, trials[2], {"training_iteration": 4, "quality": 0.8})
+    assert final == TrialScheduler.STOP

@@ -57,6 +57,22 @@ def test_pooling_blocks_train_at_batch_one_with_group_norm(cls: type[nn.Module])
     _train_step(block, torch.randn(1, 16, 37, 53))
 
 
+def test_ppm_branches_normalise_the_pooled_context_per_sample() -> None:
+    """The default PPM branch output before its ReLU has zero mean and unit variance over
+    channels for each sample, whatever the scale of the pooled signal."""
+    torch.manual_seed(0)
+    block = PyramidPoolingModule(16, pool_sizes=(1,)).train()
+    conv, norm = block.branches[0].conv[0], block.branches[0].conv[1]
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 1
+    x = (
+        torch.randn(3, 16, 1, 1).expand(3, 16, 9, 9)
+        * torch.tensor([0.1, 1.0, 10.0])[:, None, None, None]
+    )
+    pre = norm(conv(block.branches[0].pool(x))).flatten(1)
+    torch.testing.assert_close(pre.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pre.var(1, unbiased=False), torch.ones(3), atol=1e-2, rtol=0)
+
+
 def test_batchnorm_on_the_image_level_branch_would_fail_at_batch_one() -> None:
     """Why the pooled branches default to no norm: BN cannot train on one value per channel."""
     branch = PoolingBranch(8, 4, 1, norm_layer=nn.BatchNorm2d).train()

@@ -90,6 +90,24 @@ def test_leaves_identity_after_one_step(mode: str, norm_layer: type[nn.Module] |
     assert delta.flatten(2).std(dim=-1).amax() > 1e-4
 
 
+@pytest.mark.parametrize("norm_layer", [nn.BatchNorm2d, None])
+def test_zero_init_off_trains_attention_from_the_first_step(
+    norm_layer: type[nn.Module] | None,
+) -> None:
+    """The zero start gives theta/phi/g no gradient; ``zero_init=False`` gives them one."""
+    x, target = torch.randn(2, 8, 7, 9), torch.randn(2, 8, 7, 9)
+    grads = {}
+    for zero_init in (True, False):
+        torch.manual_seed(0)
+        block = NonLocalBlock(8, sub_sample=2, norm_layer=norm_layer, zero_init=zero_init)
+        out = block.train()(x)
+        assert torch.equal(out, x) == zero_init
+        F.mse_loss(out, target).backward()
+        grads[zero_init] = [block.theta.weight.grad, block.phi.weight.grad, block.g.weight.grad]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads[True])
+    assert all(g is not None and g.abs().amax() > 1e-6 for g in grads[False])
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sub_sample", [1, 2, 3])
 @pytest.mark.parametrize("norm_layer", [nn.BatchNorm2d, None])
