@@ -34,7 +34,7 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> to
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """``size`` times ``scale``, rounded, at least 1 pixel per axis."""
-    return tuple(max(1, round(s * scale)) for s in size)  # type: ignore[return-value]
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def tta(
     if not scales:
         raise ValueError("tta needs at least one scale")
     B = image.shape[0]
-    size = tuple(image.shape[-2:])
+    size = (image.shape[-2], image.shape[-1])
     total: torch.Tensor | None = None
     for scale in scales:
         view = resize(image, scaled_size(size, scale), mode)

@@ -8,6 +8,7 @@ and :func:`create` builds it for a given channel count.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 from collections.abc import Callable
 
 from torch import nn
@@ -57,7 +58,7 @@ def _get(name: str) -> BlockFactory:
         ) from None
 
 
-def create(name: str, channels: int, **kwargs) -> nn.Module:
+def create(name: str, channels: int, **kwargs: Any) -> nn.Module:
     """Build the registered block ``name`` for a ``(B, channels, H, W)`` feature map.
 
     Args:
