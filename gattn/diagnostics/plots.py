@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from gattn.data.datasets import IGNORE_INDEX  # noqa: E402
 
 # Distinct colours for class ids 1..; id 0 (background) stays transparent in overlays.
-_CLASS_COLOURS = plt.get_cmap("tab10").colors
+_CLASS_COLOURS = matplotlib.color_sequences["tab10"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:

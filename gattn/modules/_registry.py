@@ -8,17 +8,18 @@ and :func:`create` builds it for a given channel count.
 from __future__ import annotations
 
 import inspect
-from typing import Any
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 
 BlockFactory = Callable[..., nn.Module]
+_Factory = TypeVar("_Factory", bound=BlockFactory)
 
 _BLOCKS: dict[str, BlockFactory] = {}
 
 
-def register_block(name: str) -> Callable[[BlockFactory], BlockFactory]:
+def register_block(name: str) -> Callable[[_Factory], _Factory]:
     """Register ``factory(channels, **kwargs) -> nn.Module`` under ``name``.
 
     Args:
@@ -28,7 +29,7 @@ def register_block(name: str) -> Callable[[BlockFactory], BlockFactory]:
         A decorator that registers and returns the factory unchanged.
     """
 
-    def decorator(factory: BlockFactory) -> BlockFactory:
+    def decorator(factory: _Factory) -> _Factory:
         if name in _BLOCKS and _BLOCKS[name] is not factory:
             raise ValueError(f"global-context block {name!r} is already registered")
         _BLOCKS[name] = factory

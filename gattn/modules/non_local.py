@@ -24,7 +24,7 @@ zeroed; zeroing the conv as well would leave every gradient but the norm's shift
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,18 @@ def non_local_affinity(
     if mode == "dot_product":
         return logits / key.shape[-2]
     raise ValueError(f"mode must be 'embedded_gaussian' or 'dot_product', got {mode!r}")
+
+
+class _AffineMap(Protocol):
+    """The last affine map of ``W_z``: the norm, or the conv when there is none."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+    def reset_parameters(self) -> None: ...
 
 
 @register_block("nonlocal")
@@ -100,11 +112,12 @@ class NonLocalBlock(nn.Module):
     def reset_parameters(self) -> None:
         for conv in (self.theta, self.phi, self.g, self.proj):
             conv.reset_parameters()
+        last: _AffineMap
         if isinstance(self.norm, nn.Identity):
             last = self.proj
         else:
-            self.norm.reset_parameters()
-            last = self.norm
+            last = cast(_AffineMap, self.norm)  # __init__ checked that it has an affine weight
+            last.reset_parameters()
         nn.init.zeros_(last.weight)
         if last.bias is not None:
             nn.init.zeros_(last.bias)
