@@ -11,12 +11,11 @@ Per scale, the image and its flip are stacked into one batch, so a scale costs o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 Task = Literal["seg", "cls"]
 
@@ -39,7 +38,7 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 @torch.no_grad()
 def tta(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     scales: Sequence[float] = (0.75, 1.0, 1.25),
     flip: bool = True,
