@@ -1,5 +1,6 @@
 # make test: set up .venv from nothing and run the test suite.
 # make run:  set up .venv from nothing and run the main job (the DVC pipeline on the default data).
+# make lint: ruff (lint and format) and mypy (settings in pyproject.toml's [tool.mypy]).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -27,9 +28,10 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check gattn pipelines tests benchmarks
 	$(BIN)/ruff format --check gattn pipelines tests benchmarks
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/modules.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -163,7 +163,14 @@ def recommend(
             )
         else:
             reason += "; it is the best measured config overall"
-        return Recommendation("measured", task, memory_gib, dict(best), reason, runner_up)
+        return Recommendation(
+            "measured",
+            task,
+            memory_gib,
+            dict(best),
+            reason,
+            None if runner_up is None else dict(runner_up),
+        )
 
     row = _table_row(memory_gib)
     if not points:

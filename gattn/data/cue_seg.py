@@ -15,6 +15,7 @@ sliding windows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -152,7 +153,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, d: int) 
 
 def cue_seg_sample(
     cfg: CueSegConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Draw one cue-seg sample.
 
     Args:
@@ -167,8 +168,8 @@ def cue_seg_sample(
     side = max(2, round(cfg.cue_size * s))
     d = max(3, round(cfg.shape_size * s))
     gap = cfg.cue_clearance * s
-    centres = np.stack(np.meshgrid(np.arange(s - d + 1), np.arange(s - d + 1)), -1).reshape(-1, 2)
-    centres = centres + (d - 1) / 2  # candidate shape centres with the shape fully inside
+    grid = np.stack(np.meshgrid(np.arange(s - d + 1), np.arange(s - d + 1)), -1).reshape(-1, 2)
+    centres = grid + (d - 1) / 2  # candidate shape centres with the shape fully inside
     for _ in range(100):
         cx, cy = rng.integers(0, s - side + 1, size=2)
         # +1: the disc/square of diameter d fits in a circle of radius d/sqrt(2) <= d/2 + d/4.

@@ -92,7 +92,7 @@ def _check_mask_header(mask: Image.Image, path: Path, size: tuple[int, int]) -> 
         raise ValueError(f"mask {path.name} is {oriented_size(mask)}, its image {size}")
 
 
-class _ImageDataset(Dataset):
+class _ImageDataset(Dataset[tuple[Any, Any]]):
     """Shared indexing, checking and fault-tolerant loading of (image, target) samples.
 
     Args:
@@ -113,7 +113,7 @@ class _ImageDataset(Dataset):
         *,
         task: Literal["cls", "seg"],
         num_classes: int,
-        transform: Callable | None,
+        transform: Callable[..., Any] | None,
         check: Literal["verify", "decode", "none"],
         mode: str,
         ignore_index: int,
@@ -208,8 +208,8 @@ class ImageFolderDataset(_ImageDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike,
-        transform: Callable | None = None,
+        root: str | os.PathLike[str],
+        transform: Callable[..., Any] | None = None,
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
     ) -> None:
@@ -284,9 +284,9 @@ class SegmentationFolderDataset(_ImageDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike[str],
         num_classes: int | None,
-        transform: Callable | None = None,
+        transform: Callable[..., Any] | None = None,
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
         ignore_index: int = IGNORE_INDEX,
@@ -337,9 +337,9 @@ class SyntheticDataset(_ImageDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike[str],
         indices: Sequence[int] | None = None,
-        transform: Callable | None = None,
+        transform: Callable[..., Any] | None = None,
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
     ) -> None:

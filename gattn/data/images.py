@@ -79,7 +79,7 @@ def to_mode(image: Image.Image, mode: str = "RGB") -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-def open_image(path: str | os.PathLike | IO[bytes], mode: str = "RGB") -> Image.Image:
+def open_image(path: str | os.PathLike[str] | IO[bytes], mode: str = "RGB") -> Image.Image:
     """Open, decode and convert an image file with :func:`to_mode`.
 
     The file is decoded from its bytes in memory, as the serving app decodes an upload: PIL
@@ -87,7 +87,7 @@ def open_image(path: str | os.PathLike | IO[bytes], mode: str = "RGB") -> Image.
     13), so the same file would differ between training and serving.
     """
     if not hasattr(path, "read"):
-        path = io.BytesIO(Path(path).read_bytes())  # type: ignore[arg-type]
+        path = io.BytesIO(Path(path).read_bytes())
     with Image.open(path) as image:
         image.load()
         out = to_mode(image, mode)

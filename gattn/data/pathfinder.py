@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -225,7 +226,7 @@ def _place_path(
 
 def pathfinder_sample(
     cfg: PathfinderConfig, rng: np.random.Generator, label: int
-) -> tuple[np.ndarray, int, dict]:
+) -> tuple[np.ndarray, int, dict[str, Any]]:
     """Draw one pathfinder image with the given label.
 
     Args:

@@ -83,7 +83,7 @@ def _pair_label(seed: int, index: int) -> int:
 
 def synthetic_sample(
     task: str, index: int, seed: int = 0, image_size: int = 64, **kw: Any
-) -> tuple[np.ndarray, np.ndarray | int, dict]:
+) -> tuple[np.ndarray, np.ndarray | int, dict[str, Any]]:
     """Regenerate sample ``index`` of (``task``, ``seed``) alone.
 
     Returns:
@@ -94,7 +94,7 @@ def synthetic_sample(
     return _sample(task, cfg, seed, index)
 
 
-def _sample(task: str, cfg: Any, seed: int, index: int) -> tuple[np.ndarray, Any, dict]:
+def _sample(task: str, cfg: Any, seed: int, index: int) -> tuple[np.ndarray, Any, dict[str, Any]]:
     if index < 0 or seed < 0:
         raise ValueError(f"index={index} and seed={seed} must be >= 0")
     rng = np.random.default_rng([seed, 0, index])
@@ -107,7 +107,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     return sha256_bytes(Path(path).read_bytes())
 
 
@@ -130,7 +130,7 @@ def _png(array: np.ndarray) -> bytes:
 
 def generate(
     task: str,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     n: int,
     image_size: int = 64,
     seed: int = 0,
@@ -198,7 +198,7 @@ def generate(
     return manifest
 
 
-def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Load ``root/manifest.json`` (a ManifestError if it is missing or not one of ours)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
@@ -212,7 +212,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
+def verify_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every file of a generated data set against its sha256; return the manifest.
 
     Raises:

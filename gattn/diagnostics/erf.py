@@ -11,11 +11,10 @@ This is the project's "how global is this model" number.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 DEFAULT_THRESHOLDS = (0.2, 0.5, 0.99)
 
@@ -61,7 +60,9 @@ def area_ratios(
     return ratios
 
 
-def centre_gradient(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def centre_gradient(
+    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+) -> torch.Tensor:
     """``|d out[:, :, h // 2, w // 2].sum() / d images|`` summed over channels: ``(B, H, W)``.
 
     ``model`` maps ``(B, C, H, W)`` images to a ``(B, K, h, w)`` map (logits or features).
@@ -80,7 +81,7 @@ def centre_gradient(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def effective_receptive_field(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     batch_size: int = 8,

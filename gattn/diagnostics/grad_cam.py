@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +98,8 @@ def _resolve_target(target: Target, scores: torch.Tensor) -> torch.Tensor:
 
 
 def _default_prefix(model: nn.Module) -> int:
-    return next(
-        (int(m.num_prefix_tokens) for m in model.modules() if hasattr(m, "num_prefix_tokens")), 0
-    )
+    counts = (getattr(m, "num_prefix_tokens", None) for m in model.modules())
+    return next((int(n) for n in counts if n is not None), 0)
 
 
 def grad_cam(
@@ -136,7 +135,7 @@ def grad_cam(
     layer = model.get_submodule(target_layer) if isinstance(target_layer, str) else target_layer
     captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(_module: nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"target layer returned {type(output).__name__}, not a tensor")
         # The leaf is a copy of the layer's output and downstream layers get another copy, so
@@ -161,7 +160,7 @@ def grad_cam(
     activation = captured[-1].detach()
     layout = layout or ("tokens" if activation.ndim == 3 else "nchw")
     prefix = _default_prefix(model) if num_prefix_tokens is None else num_prefix_tokens
-    size = tuple(image.shape[-2:])
+    size = (image.shape[-2], image.shape[-1])
     activation = to_nchw(activation, layout, size, prefix)
     grad = to_nchw(grad, layout, size, prefix)
     weights = grad.mean(dim=(2, 3), keepdim=True)

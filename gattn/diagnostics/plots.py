@@ -16,10 +16,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from gattn.data.datasets import IGNORE_INDEX  # noqa: E402
 
 # Distinct colours for class ids 1..; id 0 (background) stays transparent in overlays.
-_CLASS_COLOURS = plt.get_cmap("tab10").colors
+_CLASS_COLOURS = matplotlib.color_sequences["tab10"]
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     """Save ``fig`` as PNG through a temporary file and ``os.replace``, then close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def sample_grid(
     images: Sequence[np.ndarray],
     targets: Sequence[np.ndarray | int],
     class_names: Sequence[str],
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     columns: int = 4,
     title: str | None = None,
 ) -> Path:
@@ -85,7 +85,7 @@ def sample_grid(
 def overlay_heatmap(
     image: np.ndarray,
     heatmaps: dict[str, np.ndarray],
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     alpha: float = 0.5,
     cmap: str = "jet",
     title: str | None = None,
@@ -119,7 +119,7 @@ def overlay_heatmap(
 
 def heatmap(
     values: np.ndarray,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     title: str | None = None,
     cmap: str = "viridis",
     log: bool = False,
@@ -138,7 +138,7 @@ def heatmap(
 def confusion_matrix(
     matrix: np.ndarray,
     class_names: Sequence[str],
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     title: str | None = None,
 ) -> Path:
     """A confusion matrix (rows: true class, columns: predicted) as row-normalised shares

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -84,6 +84,13 @@ def rollout(
     return result.to(attentions[0].dtype)
 
 
+class _AttentionLayer(Protocol):
+    """What :func:`capture_attention` needs of a layer (timm's attention layers have both)."""
+
+    fused_attn: bool
+    attn_drop: nn.Module
+
+
 def capture_attention(model: nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
     """Attention probabilities ``(B, heads, N, N)`` of every attention layer, in call order.
 
@@ -92,7 +99,7 @@ def capture_attention(model: nn.Module, image: torch.Tensor) -> list[torch.Tenso
     switched off for the pass and restored afterwards, also on error.
     """
     layers = [
-        m
+        cast(_AttentionLayer, m)
         for m in model.modules()
         if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)
     ]
@@ -100,7 +107,7 @@ def capture_attention(model: nn.Module, image: torch.Tensor) -> list[torch.Tenso
         raise ValueError(f"{type(model).__name__} has no attention layer with an attn_drop")
     captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    def hook(_module: nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         captured.append(output.detach())
 
     saved = [m.fused_attn for m in layers]

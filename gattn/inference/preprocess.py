@@ -47,7 +47,7 @@ def resize_input(x: torch.Tensor, size: Size) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _to_float(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Callable:
+def _to_float(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Callable[..., Any]:
     return to_float(mean, std)
 
 

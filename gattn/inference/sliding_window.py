@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +102,15 @@ def blend_weights(
 
 def downscaled_context(model: nn.Module, image: torch.Tensor, context_size: Size) -> torch.Tensor:
     """``model.encode_context`` of ``image`` resized (antialiased bilinear) to ``context_size``."""
-    if not callable(getattr(model, "encode_context", None)):
+    encode_context = getattr(model, "encode_context", None)
+    if not callable(encode_context):
         raise TypeError(
             f"global_context='auto' needs a model with encode_context(x), not {type(model)}"
         )
     small = F.interpolate(
         image, size=_pair(context_size), mode="bilinear", align_corners=False, antialias=True
     )
-    return model.encode_context(small)
+    return encode_context(small)
 
 
 def cache_bytes(level: int = 2) -> int:
@@ -139,7 +140,7 @@ def _tensors(value: object) -> list[torch.Tensor]:
     return []
 
 
-def largest_activation(model: nn.Module, *args: object, **kwargs: object) -> tuple[object, int]:
+def largest_activation(model: nn.Module, *args: object, **kwargs: object) -> tuple[Any, int]:
     """``model(*args, **kwargs)`` and the bytes of the largest tensor that its submodules
     returned, recorded by forward hooks removed afterwards.
 
@@ -304,11 +305,11 @@ def sliding_window(
             rows = torch.tensor([b for b, _, _ in chunk], device=global_context.device)
             kwargs["global_context"] = global_context[rows]
         if measure:
-            return largest_activation(model, windows, **kwargs)  # type: ignore[return-value]
+            return largest_activation(model, windows, **kwargs)
         return model(windows, **kwargs), 0
 
     out: torch.Tensor | None = None
-    i, n = 0, 1 if auto_batch else int(batch_size)  # type: ignore[arg-type]
+    i, n = 0, int(batch_size) if isinstance(batch_size, int) else 1  # 1 to measure, if auto
     while i < len(crops):
         chunk = crops[i : i + n]
         logits, activation_bytes = forward(chunk, measure=auto_batch and i == 0 and len(crops) > 1)

@@ -11,12 +11,11 @@ Per scale, the image and its flip are stacked into one batch, so a scale costs o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 Task = Literal["seg", "cls"]
 
@@ -34,12 +33,12 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> to
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """``size`` times ``scale``, rounded, at least 1 pixel per axis."""
-    return tuple(max(1, round(s * scale)) for s in size)  # type: ignore[return-value]
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 @torch.no_grad()
 def tta(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     scales: Sequence[float] = (0.75, 1.0, 1.25),
     flip: bool = True,
@@ -67,7 +66,7 @@ def tta(
     if not scales:
         raise ValueError("tta needs at least one scale")
     B = image.shape[0]
-    size = tuple(image.shape[-2:])
+    size = (image.shape[-2], image.shape[-1])
     total: torch.Tensor | None = None
     for scale in scales:
         view = resize(image, scaled_size(size, scale), mode)

@@ -26,7 +26,7 @@ from torch import nn
 from .heads import HEADS
 from .inject import Spec
 from .inject import inject as inject_blocks
-from .segmenter import Segmenter
+from .segmenter import Segmenter, last_feature_channels
 
 
 def create_backbone(
@@ -134,7 +134,7 @@ def build_segmenter(
         **dict(backbone_kwargs or {}),
     )
     inject_blocks(encoder, inject)
-    channels = encoder.feature_info.channels()[-1]
+    channels = last_feature_channels(encoder)
     decode_head = HEADS[head](
         channels,
         head_channels,

@@ -148,8 +148,8 @@ def load_pretrained(
     report = LoadReport(prefix=prefix)
     used = set()
     for plain, name in names.items():
-        src_name = plain[len(prefix) :] if plain.startswith(prefix) else None
-        if src_name not in weights:
+        src_name = plain[len(prefix) :]
+        if not plain.startswith(prefix) or src_name not in weights:
             continue
         used.add(src_name)
         src, tensor = weights[src_name], state[name]

@@ -82,7 +82,9 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _model_args(name: str, pretrained: bool, kwargs: dict[str, Any], takes_img_size: bool) -> dict:
+def _model_args(
+    name: str, pretrained: bool, kwargs: dict[str, Any], takes_img_size: bool
+) -> dict[str, Any]:
     """The recipe's timm arguments, with its own pretrained config at the requested size."""
     if pretrained:
         raise ValueError(

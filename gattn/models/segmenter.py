@@ -14,9 +14,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureInfo
 from torch import nn
 
 from .heads.base import DecodeHead
+
+
+def last_feature_channels(encoder: nn.Module) -> int:
+    """Channels of the last feature map of a timm ``features_only`` encoder."""
+    info = getattr(encoder, "feature_info", None)
+    if not isinstance(info, FeatureInfo):
+        raise TypeError(
+            f"{type(encoder).__name__} has no timm FeatureInfo; build the encoder with "
+            "features_only=True"
+        )
+    return int(info.channels()[-1])
 
 
 class Segmenter(nn.Module):
@@ -33,7 +45,7 @@ class Segmenter(nn.Module):
         self, encoder: nn.Module, head: DecodeHead, *, align_corners: bool = False
     ) -> None:
         super().__init__()
-        self.encoder_channels = encoder.feature_info.channels()[-1]
+        self.encoder_channels = last_feature_channels(encoder)
         if head.in_channels != self.encoder_channels:
             raise ValueError(
                 f"head.in_channels={head.in_channels} but the encoder's last feature map has "

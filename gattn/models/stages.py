@@ -117,7 +117,7 @@ def model_stages(model: nn.Module) -> list[StageInfo]:
     if layout == "tokens":
         grid = getattr(root.patch_embed, "grid_size", None)
         extra = {
-            "num_prefix_tokens": int(root.num_prefix_tokens),
+            "num_prefix_tokens": int(getattr(root, "num_prefix_tokens", 0)),  # see _layout
             "grid_size": tuple(grid) if grid is not None else None,
         }
     stages = []
@@ -180,15 +180,21 @@ class LayoutAdapter(nn.Sequential):
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = grid_size
 
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks in order on NCHW ``x`` (``nn.Sequential.forward``, typed)."""
+        for block in self:
+            x = block(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "nchw":
-            return super().forward(x)
+            return self._blocks(x)
         if self.layout == "nhwc":
-            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self._blocks(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         B, N, C = patches.shape
         h, w = patch_grid(N, self.grid_size)
-        y = super().forward(patches.transpose(1, 2).reshape(B, C, h, w))
+        y = self._blocks(patches.transpose(1, 2).reshape(B, C, h, w))
         return torch.cat([prefix, y.flatten(2).transpose(1, 2)], dim=1)
 
 
@@ -205,6 +211,9 @@ class InjectedStage(nn.Sequential):
         injected: The blocks, with the stage's layout.
     """
 
+    stage: nn.Module  # children, registered by nn.Sequential under these names
+    injected: LayoutAdapter
+
     def __init__(self, stage: nn.Module, injected: LayoutAdapter) -> None:
         super().__init__(OrderedDict(stage=stage, injected=injected))
 
@@ -214,7 +223,9 @@ class InjectedStage(nn.Sequential):
 
     @grad_checkpointing.setter
     def grad_checkpointing(self, enable: bool) -> None:
-        self.stage.grad_checkpointing = enable
+        # nn.Module.__setattr__ is annotated for tensors and modules only; timm reads this bool
+        self.stage.grad_checkpointing = enable  # type: ignore[assignment]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.injected(self.stage(x, *args, **kwargs))
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # ``input``: the name of nn.Sequential.forward's argument, which this overrides
+        return self.injected(self.stage(input, *args, **kwargs))

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 
 BlockFactory = Callable[..., nn.Module]
+_Factory = TypeVar("_Factory", bound=BlockFactory)
 
 _BLOCKS: dict[str, BlockFactory] = {}
 
 
-def register_block(name: str) -> Callable[[BlockFactory], BlockFactory]:
+def register_block(name: str) -> Callable[[_Factory], _Factory]:
     """Register ``factory(channels, **kwargs) -> nn.Module`` under ``name``.
 
     Args:
@@ -27,7 +29,7 @@ def register_block(name: str) -> Callable[[BlockFactory], BlockFactory]:
         A decorator that registers and returns the factory unchanged.
     """
 
-    def decorator(factory: BlockFactory) -> BlockFactory:
+    def decorator(factory: _Factory) -> _Factory:
         if name in _BLOCKS and _BLOCKS[name] is not factory:
             raise ValueError(f"global-context block {name!r} is already registered")
         _BLOCKS[name] = factory
@@ -57,7 +59,7 @@ def _get(name: str) -> BlockFactory:
         ) from None
 
 
-def create(name: str, channels: int, **kwargs) -> nn.Module:
+def create(name: str, channels: int, **kwargs: Any) -> nn.Module:
     """Build the registered block ``name`` for a ``(B, channels, H, W)`` feature map.
 
     Args:

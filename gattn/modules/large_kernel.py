@@ -37,8 +37,18 @@ def fuse_conv_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor
     Returns:
         ``(weight, bias)`` of the equivalent conv.
     """
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("fuse_conv_bn needs a BatchNorm with running statistics")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def _fuse_branch(branch: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fuse_conv_bn` of a ``conv_norm_act`` branch: ``(conv, BatchNorm2d)``."""
+    conv, bn = branch[0], branch[1]
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+        raise TypeError(f"expected a (Conv2d, BatchNorm2d) branch, got {branch}")
+    return fuse_conv_bn(conv.weight, bn)
 
 
 class LargeKernelConv(nn.Module):
@@ -78,9 +88,9 @@ class LargeKernelConv(nn.Module):
         """
         if self.fused is not None:
             return
-        weight, bias = fuse_conv_bn(self.large[0].weight, self.large[1])
+        weight, bias = _fuse_branch(self.large)
         if self.small is not None:
-            small_w, small_b = fuse_conv_bn(self.small[0].weight, self.small[1])
+            small_w, small_b = _fuse_branch(self.small)
             pad = (self.kernel_size - small_w.shape[-1]) // 2
             weight = weight + F.pad(small_w, [pad] * 4)
             bias = bias + small_b
@@ -92,6 +102,7 @@ class LargeKernelConv(nn.Module):
             groups=self.channels,
             bias=True,
         ).to(weight)
+        assert fused.bias is not None  # bias=True
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
         del self.large

@@ -31,7 +31,7 @@ the zero start; short budgets cannot.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,18 @@ def non_local_affinity(
     if mode == "dot_product":
         return logits / key.shape[-2]
     raise ValueError(f"mode must be 'embedded_gaussian' or 'dot_product', got {mode!r}")
+
+
+class _AffineMap(Protocol):
+    """The last affine map of ``W_z``: the norm, or the conv when there is none."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+    def reset_parameters(self) -> None: ...
 
 
 @register_block("nonlocal")
@@ -111,14 +123,13 @@ class NonLocalBlock(nn.Module):
     def reset_parameters(self) -> None:
         for conv in (self.theta, self.phi, self.g, self.proj):
             conv.reset_parameters()
-        if not isinstance(self.norm, nn.Identity):
-            self.norm.reset_parameters()
+        norm = None if isinstance(self.norm, nn.Identity) else cast(_AffineMap, self.norm)
+        if norm is not None:
+            norm.reset_parameters()
         if not self.zero_init:
             return
-        if isinstance(self.norm, nn.Identity):
-            last = self.proj
-        else:
-            last = self.norm
+        # __init__ checked that the norm has an affine weight when zero_init is set
+        last: _AffineMap = self.proj if norm is None else norm
         nn.init.zeros_(last.weight)
         if last.bias is not None:
             nn.init.zeros_(last.bias)

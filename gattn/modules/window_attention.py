@@ -140,6 +140,8 @@ class RelativePositionBias(nn.Module):
         num_heads: Attention heads.
     """
 
+    relative_position_index: torch.Tensor  # non-persistent buffer
+
     def __init__(self, window_size: Size2, num_heads: int) -> None:
         super().__init__()
         self.window_size = window_size

@@ -35,7 +35,7 @@ def dino_collapse_references(out_dim: int) -> dict[str, dict[str, float]]:
 def curves_figure(
     steps: Sequence[float],
     series: Mapping[str, Sequence[float]],
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     title: str | None = None,
     references: Mapping[str, Mapping[str, float]] | None = None,
     xlabel: str = "step",

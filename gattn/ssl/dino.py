@@ -15,6 +15,7 @@ through the backbone together, one forward per resolution.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -157,16 +158,23 @@ class DINO(nn.Module):
         in_dim: int | None = None,
     ) -> None:
         super().__init__()
-        in_dim = in_dim or student_backbone.num_features
-        head_kw = {
-            "hidden_dim": hidden_dim,
-            "bottleneck_dim": bottleneck_dim,
-            "nlayers": nlayers,
-            "norm_last_layer": norm_last_layer,
-            "use_bn": use_bn,
-        }
-        self.student = MultiCropWrapper(student_backbone, DINOHead(in_dim, out_dim, **head_kw))
-        self.teacher = MultiCropWrapper(teacher_backbone, DINOHead(in_dim, out_dim, **head_kw))
+        in_dim = in_dim or getattr(student_backbone, "num_features", None)
+        if not isinstance(in_dim, int):
+            raise TypeError(
+                f"{type(student_backbone).__name__} has no int num_features; pass in_dim"
+            )
+        head = functools.partial(
+            DINOHead,
+            in_dim,
+            out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            nlayers=nlayers,
+            norm_last_layer=norm_last_layer,
+            use_bn=use_bn,
+        )
+        self.student = MultiCropWrapper(student_backbone, head())
+        self.teacher = MultiCropWrapper(teacher_backbone, head())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
@@ -183,7 +191,7 @@ class DINO(nn.Module):
 
         Buffers (BatchNorm statistics) are not averaged: the teacher keeps its own, as in DINO.
         """
-        teacher = list(self.teacher.parameters())
+        teacher: list[torch.Tensor] = list(self.teacher.parameters())
         student = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 

@@ -15,6 +15,8 @@ timm model unchanged (:meth:`MaskedAutoencoder.encoder_state_dict`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from timm.layers import build_sincos2d_pos_embed, to_2tuple
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -133,6 +135,8 @@ class MaskedAutoencoder(nn.Module):
         norm_layer: Normalisation layer of the decoder.
     """
 
+    decoder_pos_embed: torch.Tensor  # non-persistent buffer
+
     def __init__(
         self,
         encoder: VisionTransformer,
@@ -163,10 +167,15 @@ class MaskedAutoencoder(nn.Module):
 
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        block_kw = {"mlp_ratio": mlp_ratio, "qkv_bias": True, "norm_layer": norm_layer}
-        self.decoder_blocks = nn.Sequential(
-            *(Block(decoder_dim, decoder_heads, **block_kw) for _ in range(decoder_depth))
+        block = functools.partial(
+            Block,
+            decoder_dim,
+            decoder_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            norm_layer=norm_layer,
         )
+        self.decoder_blocks = nn.Sequential(*(block() for _ in range(decoder_depth)))
         self.decoder_norm = norm_layer(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, ph * pw * self.in_chans)
         pos = build_sincos2d_pos_embed(list(self.grid_size), decoder_dim)

@@ -81,7 +81,7 @@ def reconstruction_figure(
     imgs: torch.Tensor,
     pred: torch.Tensor,
     mask: torch.Tensor,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     norm_pix_loss: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,

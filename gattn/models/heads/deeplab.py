@@ -12,6 +12,7 @@ batch size 1 (a BatchNorm on a ``1 x 1`` pooled tensor cannot).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class ASPPHead(DecodeHead):
         *,
         rates: Sequence[int] = (6, 12, 18),
         align_corners: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(in_channels, channels, num_classes, **kwargs)
         if any(r < 1 for r in rates):

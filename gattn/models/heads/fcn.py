@@ -9,6 +9,8 @@ field: nothing in this head sees the whole image.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ class FCNHead(DecodeHead):
         kernel_size: int = 3,
         dilation: int = 1,
         concat_input: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(in_channels, channels, num_classes, **kwargs)
         if num_convs < 0 or (num_convs == 0 and in_channels != channels):

@@ -8,6 +8,8 @@ sees the whole image at once (``O((hw)^2)`` memory, divided by ``sub_sample^2``)
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from gattn.modules.non_local import NonLocalBlock, NonLocalMode
@@ -36,7 +38,7 @@ class NLHead(FCNHead):
         mode: NonLocalMode = "embedded_gaussian",
         sub_sample: int = 1,
         inter_channels: int | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(in_channels, channels, num_classes, num_convs=2, **kwargs)
         non_local = NonLocalBlock(
@@ -47,4 +49,6 @@ class NLHead(FCNHead):
     @property
     def non_local(self) -> NonLocalBlock:
         """The non-local block (``convs[1]``)."""
-        return self.convs[1]
+        block = self.convs[1]
+        assert isinstance(block, NonLocalBlock)
+        return block

@@ -12,6 +12,7 @@ pooled tensors, so the head trains at batch size 1); unlike the ``ppm`` block, w
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ class PSPHead(DecodeHead):
         *,
         pool_sizes: Sequence[int] = (1, 2, 3, 6),
         align_corners: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(in_channels, channels, num_classes, **kwargs)
         if not pool_sizes or min(pool_sizes) < 1:
