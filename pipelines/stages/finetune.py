@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from gattn.data.views import seg_eval_transform, seg_train_transform
 from gattn.models import build_model, save_model
@@ -55,13 +55,19 @@ from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
 from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
-from pipelines.data import load_tensors, native_size
+from pipelines.contracts import BEST_FIX, BestEntry, BestFile, read_json
+from pipelines.data import (
+    data_fingerprint,
+    load_tensors,
+    native_size,
+    open_split,
+    read_splits,
+    subset,
+)
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score, score_resized
-from pipelines.prepare import PREPARED, open_split
-from pipelines.pretrain import MODELS as PRETRAINED
-from pipelines.pretrain import data_fingerprint
-from pipelines.ray_utils import (
+from pipelines.paths import BEST_JSON, FINETUNE_REPORTS, FINETUNED, PREPARED, PRETRAINED
+from pipelines.train.trainer import (
     begin_epoch,
     checkpoint_dir,
     fit_torch_trainer,
@@ -69,9 +75,6 @@ from pipelines.ray_utils import (
     worker_loader,
 )
 
-BEST_JSON = Path("models/tune/best.json")
-MODELS = Path("models/finetuned")
-REPORTS = Path("reports/finetune")
 WEIGHTS, BEST, STATE, HISTORY = "model.safetensors", "best.safetensors", "state.pt", "history.json"
 _LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|stages|layer)\.?(\d+)(?:\.|$)")
 _EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|stem|conv1|bn1)(?:\.|$)")
@@ -81,22 +84,19 @@ _EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|stem|
 # The searched config
 
 
-def load_best(path: Path, budget_gib: float | None = None) -> tuple[str, dict[str, Any]]:
-    """The ``(budget key, entry)`` of ``best.json`` at ``budget_gib`` (default: selected).
+def load_best(path: Path, budget_gib: float | None = None) -> tuple[BestFile, str, BestEntry]:
+    """``best.json``, and the budget key and entry at ``budget_gib`` (default: selected).
 
     Raises:
-        FileNotFoundError: no ``best.json`` (run the tune stage).
+        ContractError: no ``best.json``, or not one the tune stage writes.
         ParamsError: the budget is not in the file, or no config fits it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run `gattn tune` first (or pass --best)")
-    best = json.loads(path.read_text())
-    per_budget: dict[str, Any] = best["per_budget"]
+    best = read_json(BestFile, path, BEST_FIX)
+    per_budget = best.per_budget
     if budget_gib is None:
-        if best.get("selected_budget") is None:
+        if best.selected_budget is None:
             raise ParamsError(f"{path}: the search found no config within any budget")
-        key = str(best["selected_budget"])
+        key = best.selected_budget
     else:
         keys = [k for k in per_budget if math.isclose(float(k), budget_gib)]
         if not keys:
@@ -111,12 +111,7 @@ def load_best(path: Path, budget_gib: float | None = None) -> tuple[str, dict[st
             f"finetune.budget_gib: no searched config fits {key} GiB ({path}); pick another "
             f"budget ({sorted((k for k, v in per_budget.items() if v), key=float)})"
         )
-    return key, entry
-
-
-def img_size_of(entry: Mapping[str, Any]) -> int:
-    """The training input size of a ``best.json`` entry."""
-    return int(entry["train"].get("img_size") or entry["model"]["img_size"])
+    return best, key, entry
 
 
 class WorseThanSearchError(RuntimeError):
@@ -125,23 +120,23 @@ class WorseThanSearchError(RuntimeError):
 
 def compare_with_search(
     model: nn.Module,
-    best: Mapping[str, Any],
-    entry: Mapping[str, Any],
+    best: BestFile,
+    entry: BestEntry,
     prepared: Path,
     task: str,
     num_classes: int,
     size: int,
 ) -> dict[str, Any]:
     """Score ``model`` as the search scored the trial it came from: the same images (the first
-    ``best["measured_on"]["images"]`` of the split), metric and resolution
+    ``best.measured_on.images`` of the split), metric and resolution
     (:func:`pipelines.metrics.score_resized`); older ``best.json`` files without
     ``measured_on`` are compared on the whole validation split."""
-    on = dict(best.get("measured_on") or {})
+    on = best.measured_on
     images, targets, _ = load_tensors(
-        prepared, on.get("split", "val"), on.get("images"), on.get("size") or native_size(prepared)
+        prepared, on.split, on.images, on.size or native_size(prepared)
     )
     ours = score_resized(model, images, targets, task, size, num_classes)[METRIC[task]]
-    search = float(entry["quality"])
+    search = float(entry.quality)
     return {
         "search_quality": search,
         "search_split_score": float(ours),
@@ -252,10 +247,6 @@ def window_view(
     return crop, mask
 
 
-def _subset(ds: Dataset, limit: int | None) -> Dataset:
-    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: build, initialise or resume, train, validate, checkpoint."""
     import ray.train
@@ -272,8 +263,8 @@ def train_loop(config: dict[str, Any]) -> None:
     initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
 
     prepared = Path(config["prepared"])
-    train = _subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
-    val = _subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
+    train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
+    val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
     weight = None
     if p.balance_classes:  # the all-background answer must not be the cheapest one
         targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
@@ -389,10 +380,17 @@ def train_loop(config: dict[str, Any]) -> None:
 # The stage
 
 
-def run_name(p: FinetuneParams, seed: int, entry: Mapping[str, Any], data: str, init: str) -> str:
+def run_name(p: FinetuneParams, seed: int, entry: BestEntry, data: str, init: str) -> str:
     """``finetune-<hash>`` of the section, seed, searched entry, data and initial weights."""
+    searched = entry.model_dump(mode="json", exclude_unset=True)  # as best.json holds it
     blob = json.dumps(
-        {"p": p.model_dump(mode="json"), "seed": seed, "entry": entry, "data": data, "init": init},
+        {
+            "p": p.model_dump(mode="json"),
+            "seed": seed,
+            "entry": searched,
+            "data": data,
+            "init": init,
+        },
         sort_keys=True,
     )
     return f"finetune-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -406,9 +404,9 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_config(entry: Mapping[str, Any], num_classes: int, img_size: int) -> dict[str, Any]:
+def model_config(entry: BestEntry, num_classes: int, img_size: int) -> dict[str, Any]:
     """The searched ``build_model`` config, checked against the data's classes."""
-    cfg = dict(entry["model"])
+    cfg = dict(entry.model)
     if int(cfg.get("num_classes", num_classes)) != num_classes:
         raise ParamsError(
             f"best.json's model has num_classes={cfg['num_classes']} but the prepared data has "
@@ -426,8 +424,8 @@ def finetune(
     best_json: Path = BEST_JSON,
     pretrained: Path = PRETRAINED,
     prepared: Path = PREPARED,
-    out_dir: Path = MODELS,
-    reports_dir: Path = REPORTS,
+    out_dir: Path = FINETUNED,
+    reports_dir: Path = FINETUNE_REPORTS,
     model_name: str | None = None,
     fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
@@ -444,20 +442,20 @@ def finetune(
         reports_dir: Where metrics, history and the init report go.
         model_name: Register the model under this name with alias ``champion`` in the
             current MLflow store (``None``: do not register).
-        fail_at_epoch: Fault injection for tests (see :func:`pipelines.pretrain.pretrain`).
+        fail_at_epoch: Fault injection for tests (see :func:`pipelines.stages.pretrain.pretrain`).
     """
     from pipelines.registry import register
 
     prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
-    budget, entry = load_best(best_json, p.budget_gib)
-    info = json.loads((prepared / "splits.json").read_text())
+    best, budget, entry = load_best(best_json, p.budget_gib)
+    info = read_splits(prepared)
     task = "seg" if info["kind"] == "seg" else "cls"
-    if entry["model"].get("task", "cls") != task:
+    if entry.model.get("task", "cls") != task:
         raise ParamsError(
-            f"best.json's model is for task {entry['model'].get('task')!r}, data is {task!r}"
+            f"best.json's model is for task {entry.model.get('task')!r}, data is {task!r}"
         )
     classes = list(info["classes"])
-    size = img_size_of(entry)
+    size = entry.img_size
     cfg = model_config(entry, len(classes), size)
     encoder = Path(pretrained) / ENCODER_WEIGHTS
     if p.init == "pretrained" and not encoder.is_file():
@@ -468,7 +466,6 @@ def finetune(
     name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
     storage = Path(p.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    train_cfg = entry.get("train", {})
     loop_config = {
         "params": p.model_dump(mode="json"),
         "seed": seed,
@@ -476,8 +473,8 @@ def finetune(
         "task": task,
         "num_classes": len(classes),
         "img_size": size,
-        "lr": p.lr or float(train_cfg["lr"]),
-        "batch_size": p.batch_size or int(train_cfg["batch_size"]),
+        "lr": p.lr or entry.train.lr,
+        "batch_size": p.batch_size or entry.train.batch_size,
         "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
         "prepared": str(prepared.resolve()),
         "fail_at_epoch": fail_at_epoch,
@@ -490,8 +487,7 @@ def finetune(
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / HISTORY).read_text())
         model.load_state_dict(load_file(str(Path(d) / BEST)))
-    best_file = json.loads(Path(best_json).read_text())
-    comparison = compare_with_search(model, best_file, entry, prepared, task, len(classes), size)
+    comparison = compare_with_search(model, best, entry, prepared, task, len(classes), size)
     metric = METRIC[task]
     best_row = max(history, key=lambda h: h["val_metric"])
     meta = {
@@ -502,7 +498,7 @@ def finetune(
         "best_score": float(best_row["val_metric"]),
         "best_epoch": int(best_row["epoch"]),
         "budget_gib": float(budget),
-        "trial": entry.get("trial"),
+        "trial": entry.trial,
         "run_name": name,
     }
     work = staging_dir(out_dir)
@@ -561,8 +557,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrained", type=Path, default=PRETRAINED, help="pretrained encoder folder"
     )
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
-    parser.add_argument("--out", type=Path, default=MODELS, help="model folder to write")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument("--out", type=Path, default=FINETUNED, help="model folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=FINETUNE_REPORTS, help="report folder to write"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -604,11 +602,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.reports), artifact_path="finetune")
     print(f"finetune: {json.dumps(out['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -12,9 +12,10 @@ probabilities averaged; Chen et al. 2018, DeepLabv3+ Sec. 4):
   ``sliding_global`` (the same with global-context feedback, for models with
   ``encode_context``: the Segmenter). Classifiers get ``resize`` only.
 
-Images reach the model as the served model's do: :meth:`pipelines.predictor.InputSpec.transform`
-and the ``resize`` mode's :func:`gattn.inference.resize_input` are the serving app's
-preprocessing (floats, the model's ``mean``/``std``, antialiased bilinear resizing).
+Images reach the model as the served model's do:
+:meth:`pipelines.serve.predictor.InputSpec.transform` and the ``resize`` mode's
+:func:`gattn.inference.resize_input` are the serving app's preprocessing (floats, the model's
+``mean``/``std``, antialiased bilinear resizing).
 
 Scores (torchmetrics): accuracy (of pixels for segmentation), mIoU, per-class IoU, the
 confusion matrix; wall time per image (median, after a warm-up); and the
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from gattn.diagnostics import (
     confusion_matrix,
@@ -54,13 +55,12 @@ from gattn.inference import resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
 from pipelines.config import EvaluateParams, add_params_arguments, load_params
-from pipelines.finetune import MODELS
+from pipelines.data import open_split, read_splits, subset
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
-from pipelines.predictor import InputSpec, fixed_input_size
-from pipelines.prepare import PREPARED, open_split
+from pipelines.paths import EVALUATE_REPORTS, FINETUNED, PREPARED
+from pipelines.serve.predictor import InputSpec, fixed_input_size
 
-REPORTS = Path("reports/evaluate")
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -152,17 +152,13 @@ def feature_map(model: nn.Module, task: str) -> Callable[[torch.Tensor], torch.T
     return features
 
 
-def _subset(ds: Dataset, limit: int | None) -> Dataset:
-    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
-
-
 def open_sets(spec: InputSpec, prepared: Path, max_samples: int | None) -> dict[str, Dataset]:
     """The scored sets, samples already model inputs (the serving app's preprocessing):
     ``test`` (its first ``max_samples``) at ``spec.img_size``, and ``large`` at full size
     when the prepared data has large images."""
-    info = json.loads((Path(prepared) / "splits.json").read_text())
+    info = read_splits(prepared)
     test = open_split("test", prepared, spec.transform(resize=True))
-    sets = {"test": _subset(test, max_samples)}
+    sets = {"test": subset(test, max_samples)}
     if info.get("large"):
         sets["large"] = open_split("test", prepared, spec.transform(resize=False), large=True)
     return sets
@@ -172,7 +168,7 @@ def evaluate(
     p: EvaluateParams,
     model_dir: Path | str | None = None,
     prepared: Path = PREPARED,
-    reports_dir: Path = REPORTS,
+    reports_dir: Path = EVALUATE_REPORTS,
 ) -> dict[str, Any]:
     """Run the stage; returns ``{"metrics", "rows", "model"}`` (also written to ``reports_dir``).
 
@@ -186,7 +182,7 @@ def evaluate(
     from pipelines.registry import resolve_model
 
     torch.set_num_threads(p.num_threads)
-    folder = resolve_model(model_dir or p.model or MODELS)
+    folder = resolve_model(model_dir or p.model or FINETUNED)
     model, cfg = load_model(folder)
     task, classes, size = cfg["task"], list(cfg["classes"]), int(cfg["img_size"])
     spec = InputSpec.of(model, cfg, str(folder))
@@ -288,10 +284,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"model folder or models:/NAME@ALIAS (default: evaluate.model, else {MODELS})",
+        help=f"model folder or models:/NAME@ALIAS (default: evaluate.model, else {FINETUNED})",
     )
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=EVALUATE_REPORTS, help="report folder to write"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,11 +308,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.reports), artifact_path="evaluate")
     print(f"evaluate: {json.dumps(out['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from gattn.data.views import MultiCropViews, mae_view, to_float
@@ -53,12 +53,11 @@ from gattn.ssl.curves import curves_figure, dino_collapse_references
 from gattn.ssl.dino import momentum_schedule
 from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
+from pipelines.data import data_fingerprint, open_split, read_splits, subset
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.prepare import PREPARED, open_split
-from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
+from pipelines.paths import PREPARED, PRETRAIN_REPORTS, PRETRAINED
+from pipelines.train.trainer import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
 
-MODELS = Path("models/pretrained")
-REPORTS = Path("reports/pretrain")
 WEIGHTS, STATE, ENCODER = "model.safetensors", "state.pt", ENCODER_WEIGHTS
 HISTORY = "history.json"  # {"epochs": [...], "steps": [...]} so far, carried across resumes
 CHECKPOINT_FORMAT = 2  # part of the run name: a new checkpoint layout never resumes an old one
@@ -81,17 +80,6 @@ class ImageOnly:
             return out
         mask = torch.as_tensor(target[0])
         return out, image_labels(mask[None])[0]
-
-
-def data_fingerprint(prepared: Path) -> str:
-    """A hash of the prepared data's description: its splits and, if generated, its manifest."""
-    prepared = Path(prepared)
-    digest = hashlib.sha256((prepared / "splits.json").read_bytes())
-    root = Path(json.loads((prepared / "splits.json").read_text())["root"])
-    manifest = (root if root.is_absolute() else prepared / root) / "manifest.json"
-    if manifest.is_file():
-        digest.update(manifest.read_bytes())
-    return digest.hexdigest()
 
 
 def run_name(p: PretrainParams, seed: int, data: str = "") -> str:
@@ -156,8 +144,7 @@ def train_view(p: PretrainParams) -> ImageOnly:
 
 
 def train_split(p: PretrainParams, prepared: Path, transform: Any) -> Dataset:
-    ds = open_split("train", prepared, transform)
-    return Subset(ds, range(min(len(ds), p.max_samples))) if p.max_samples else ds
+    return subset(open_split("train", prepared, transform), p.max_samples)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -351,10 +338,9 @@ def probe(
         differences ``probe_{knn,linear}_gain``, and the image counts.
     """
     q = p.probe
-    info = json.loads((Path(prepared) / "splits.json").read_text())
+    info = read_splits(prepared)
     train = open_split("train", prepared, probe_view(p.img_size))
-    if q.max_train:
-        train = Subset(train, range(min(len(train), q.max_train)))
+    train = subset(train, q.max_train)
     query = open_split(q.split, prepared, probe_view(p.img_size))
     torch.manual_seed(seed)
     initial = build_objective(p, cfg).encoder_state_dict()
@@ -379,8 +365,8 @@ def pretrain(
     p: PretrainParams,
     seed: int = 0,
     prepared: Path = PREPARED,
-    out_dir: Path = MODELS,
-    reports_dir: Path = REPORTS,
+    out_dir: Path = PRETRAINED,
+    reports_dir: Path = PRETRAIN_REPORTS,
     fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Run the stage; returns ``{"metrics", "history", "steps", "run_name", "storage"}``
@@ -450,7 +436,7 @@ def pretrain(
     }
 
 
-def load_encoder(out_dir: Path = MODELS) -> nn.Module:
+def load_encoder(out_dir: Path = PRETRAINED) -> nn.Module:
     """Rebuild the pretrained encoder from ``config.json`` and load its safetensors."""
     out_dir = Path(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())["model"]
@@ -462,8 +448,10 @@ def load_encoder(out_dir: Path = MODELS) -> nn.Module:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(parser)
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
-    parser.add_argument("--out", type=Path, default=MODELS, help="encoder folder to write")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument("--out", type=Path, default=PRETRAINED, help="encoder folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=PRETRAIN_REPORTS, help="report folder to write"
+    )
 
 
 def log_series(rows: list[dict[str, Any]], step_key: str, prefix: str) -> None:
@@ -497,11 +485,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.out), artifact_path="encoder")
     print(f"pretrain: {json.dumps(out['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
