@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from gattn.data.views import seg_eval_transform, seg_train_transform
 from gattn.models import build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
-from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
 from pipelines.contracts import BEST_FIX, BestEntry, BestFile, read_json
 from pipelines.data import (
@@ -67,15 +65,10 @@ from pipelines.data import (
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score, score_resized
 from pipelines.paths import BEST_JSON, FINETUNE_REPORTS, FINETUNED, PREPARED, PRETRAINED
-from pipelines.train.trainer import (
-    begin_epoch,
-    checkpoint_dir,
-    fit_torch_trainer,
-    mean_over_workers,
-    worker_loader,
-)
+from pipelines.train.loop import HISTORY, Hooks, train, unwrap
+from pipelines.train.trainer import fit_torch_trainer
 
-WEIGHTS, BEST, STATE, HISTORY = "model.safetensors", "best.safetensors", "state.pt", "history.json"
+BEST = "best.safetensors"  # in a checkpoint: the weights of the best epoch so far
 _LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|stages|layer)\.?(\d+)(?:\.|$)")
 _EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|stem|conv1|bn1)(?:\.|$)")
 
@@ -247,133 +240,93 @@ def window_view(
     return crop, mask
 
 
+class FinetuneHooks(Hooks):
+    """The finetune stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
+    the searched model initialised from the pretrained encoder, class-balanced cross-entropy,
+    layer-wise learning-rate decay, the global-feedback windows (``context_crop``), and at the
+    end of each epoch the validation score, keeping the weights of the best epoch so far."""
+
+    loss_name = "train_loss"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.p = p = FinetuneParams.model_validate(config["params"])
+        self.peak_lr, self.min_lr_ratio = config["lr"], p.min_lr_ratio
+        self.warmup_epochs, self.epochs, self.grad_clip = p.warmup_epochs, p.epochs, p.grad_clip
+        self.task, self.num_classes = config["task"], config["num_classes"]
+        self.history = []
+        self.best: dict[str, torch.Tensor] = {}  # weights of the best epoch so far (CPU)
+        self.weight: torch.Tensor | None = None
+
+    def build(self) -> tuple[nn.Module, Dataset, int]:
+        p, config, size = self.p, self.config, self.config["img_size"]
+        model = build_model(config["model"])
+        initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
+        prepared = Path(config["prepared"])
+        train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
+        self.val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
+        if p.balance_classes:  # the all-background answer must not be the cheapest one
+            targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
+            self.weight = class_weights(targets, self.num_classes)
+        self.use_context = p.context_crop > 0 and self.task == "seg" and takes_context(model)
+        self.generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.rank)
+        return model, train, config["batch_size"]
+
+    def resume(self, folder: Path, state: dict[str, Any]) -> None:
+        self.best = load_file(str(folder / BEST))
+
+    def ddp_kwargs(self) -> dict[str, Any]:
+        # Batches without context leave the context projection unused: DDP must allow that.
+        return {"find_unused_parameters": self.use_context}
+
+    def on_device(self) -> None:
+        self.weight = None if self.weight is None else self.weight.to(self.device)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return param_groups(model, self.p.weight_decay, self.p.layer_decay)
+
+    def loss(
+        self, model: nn.Module, batch: Any, epoch: int, i: int
+    ) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+        images, targets = batch
+        p = self.p
+        if self.use_context and float(torch.rand(1, generator=self.generator)) < p.context_crop:
+            # Global feedback: the head sees a window, the context the whole image.
+            context = unwrap(model).encode_context(images)
+            images, targets = window_view(images, targets, p.context_crop_scale, self.generator)
+            logits = model(images, global_context=context)
+        else:
+            logits = model(images)
+        loss = F.cross_entropy(
+            logits.float(),
+            targets,
+            weight=self.weight,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=p.label_smoothing,
+        )
+        return loss, len(images), []
+
+    def end_epoch(self, model: nn.Module, row: dict[str, Any]) -> None:
+        model.eval()
+        val_loader = DataLoader(self.val, batch_size=self.config["batch_size"])
+        scores = score(model, val_loader, self.task, self.num_classes, self.device)
+        row["val_metric"] = scores[METRIC[self.task]]
+        row["val_accuracy"] = scores["accuracy"]
+        row["val_miou"] = scores["miou"]
+        previous = max((h["val_metric"] for h in self.history), default=-math.inf)
+        if not self.best or row["val_metric"] >= previous:  # ties: the later epoch
+            self.best = cpu_state_dict(model)
+        self.history.append(row)
+
+    def save(self, model: nn.Module, folder: Path) -> dict[str, Any]:
+        save_file(self.best, str(folder / BEST))
+        return {}
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build, initialise or resume, train, validate, checkpoint."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    p = FinetuneParams.model_validate(config["params"])
-    torch.set_num_threads(max(1, p.cpus_per_worker))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    task, num_classes, size = config["task"], config["num_classes"], config["img_size"]
-    torch.manual_seed(config["seed"])
-    model = build_model(config["model"])
-    initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
-
-    prepared = Path(config["prepared"])
-    train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
-    val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
-    weight = None
-    if p.balance_classes:  # the all-background answer must not be the cheapest one
-        targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
-        weight = class_weights(targets, num_classes)
-    batch = config["batch_size"]
-    loader, steps_per_epoch = worker_loader(train, batch, world)
-    total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
-
-    checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = []
-    best: dict[str, torch.Tensor] = {}  # weights of the best epoch so far (CPU)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
-            state = torch.load(Path(d) / STATE, weights_only=True)
-            history = json.loads((Path(d) / HISTORY).read_text())
-            best = load_file(str(Path(d) / BEST))
-    start_epoch = state["epoch"] if state else 0
-
-    use_context = p.context_crop > 0 and task == "seg" and takes_context(model)
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    # Batches without context leave the context projection unused: DDP must allow that.
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": use_context}
-    )
-    loader = ray.train.torch.prepare_data_loader(loader)
-    device = ray.train.torch.get_device()
-    weight = None if weight is None else weight.to(device)
-    groups = param_groups(getattr(model, "module", model), p.weight_decay, p.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config["lr"])
-
-    def lr_lambda(step: int) -> float:
-        return warmup_cosine(step, total, 1.0, p.min_lr_ratio, warmup)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda s, g=g: g["lr_scale"] * lr_lambda(s) for g in groups]
-    )
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    use_amp = device.type == "cuda"
-    metric = METRIC[task]
-
-    for epoch in range(start_epoch, p.epochs):
-        begin_epoch(config, epoch, rank, loader)
-        model.train()
-        sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
-        t0 = time.perf_counter()
-        for images, targets in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if use_context and float(torch.rand(1, generator=generator)) < p.context_crop:
-                    # Global feedback: the head sees a window, the context the whole image.
-                    context = getattr(model, "module", model).encode_context(images)
-                    images, targets = window_view(images, targets, p.context_crop_scale, generator)
-                    logits = model(images, global_context=context)
-                else:
-                    logits = model(images)
-                loss = F.cross_entropy(
-                    logits.float(),
-                    targets,
-                    weight=weight,
-                    ignore_index=IGNORE_INDEX,
-                    label_smoothing=p.label_smoothing,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            sums += torch.tensor([float(loss.detach()) * len(images), len(images)])
-        seconds = time.perf_counter() - t0
-        images_seen = float(sums[1]) * world
-        sums = mean_over_workers(sums, device)
-        inner = getattr(model, "module", model)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "start_epoch": start_epoch,
-            "train_loss": float(sums[0] / sums[1]),
-            "images_per_s": images_seen / max(seconds, 1e-9),
-            "lr": max(scheduler.get_last_lr()),
-        }
-        with checkpoint_dir(config, epoch + 1) as tmp:
-            ckpt = None
-            if rank == 0:
-                inner.eval()
-                val_loader = DataLoader(val, batch_size=batch)
-                scores = score(inner, val_loader, task, num_classes, device)
-                row["val_metric"] = scores[metric]
-                row["val_accuracy"] = scores["accuracy"]
-                row["val_miou"] = scores["miou"]
-                previous = max((h["val_metric"] for h in history), default=-math.inf)
-                if not best or row["val_metric"] >= previous:  # ties: the later epoch
-                    best = cpu_state_dict(inner)
-                history.append(row)
-                (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                save_file(best, str(Path(tmp) / BEST))
-                save_file(cpu_state_dict(inner), str(Path(tmp) / WEIGHTS))
-                torch.save(
-                    {
-                        "epoch": epoch + 1,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                    },
-                    Path(tmp) / STATE,
-                )
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in row.items() if k != "start_epoch"}, checkpoint=ckpt)
+    """One Ray Train worker of the stage (:class:`FinetuneHooks` in the shared loop)."""
+    hooks = FinetuneHooks(config)
+    train(hooks, hooks.p.cpus_per_worker)
 
 
 # --------------------------------------------------------------------------------------------
