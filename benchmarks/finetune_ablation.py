@@ -45,10 +45,10 @@ from gattn.data.views import seg_eval_transform  # noqa: E402
 from gattn.models import build_model, load_model  # noqa: E402
 from gattn.models.pretrained import read_encoder, same_backbone  # noqa: E402
 from pipelines.config import EvaluateParams, load_params  # noqa: E402
+from pipelines.data import open_split  # noqa: E402
 from pipelines.metrics import score  # noqa: E402
 from pipelines.stages.evaluate import runners, score_mode  # noqa: E402
 from pipelines.stages.finetune import finetune  # noqa: E402
-from pipelines.stages.prepare import open_split  # noqa: E402
 from pipelines.stages.tune.space import model_config, summary, trial_id  # noqa: E402
 from pipelines.stages.tune.stage import data_context  # noqa: E402
 from pipelines.stages.tune.trial import train_config  # noqa: E402

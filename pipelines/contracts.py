@@ -9,7 +9,7 @@
   :data:`INGRESS` and :data:`DEPLOYMENT`.
 
 The writer builds the model and writes its dump, so what it writes validates; the reader
-validates with :func:`read_json` (or :func:`check`), which raises :class:`ContractError` naming
+validates with :func:`read_file` (or :func:`check`), which raises :class:`ContractError` naming
 the file, the key and how to make the file again, and which the command line prints without a
 traceback.
 """
@@ -17,6 +17,7 @@ traceback.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -54,19 +55,20 @@ def check(model: type[C], data: Any, path: Path | str, fix: str) -> C:
         raise ContractError(f"{path}: not a valid {model.__name__} ({problems}); {fix}") from None
 
 
-def read_json(model: type[C], path: Path, fix: str) -> C:
-    """The JSON file ``path`` validated as ``model`` (see :func:`check`).
+def read_file(model: type[C], path: Path, fix: str, parse: Callable[[str], Any] = json.loads) -> C:
+    """The file ``path`` parsed (JSON; ``parse=yaml.safe_load`` for YAML) and validated as
+    ``model`` (see :func:`check`).
 
     Raises:
-        ContractError: the file is missing, not JSON, or does not validate.
+        ContractError: the file is missing, does not parse, or does not validate.
     """
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path}: not found; {fix}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ContractError(f"{path}: not JSON ({err}); {fix}") from None
+        data = parse(path.read_text())
+    except Exception as err:  # the parser's own error (JSONDecodeError, YAMLError, ...)
+        raise ContractError(f"{path}: does not parse ({err}); {fix}") from None
     return check(model, data, path, fix)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gattn.budget.recommend import Recommendation, recommend
-from pipelines.contracts import BEST_FIX, BestFile, read_json
+from pipelines.contracts import BEST_FIX, BestFile, read_file
 from pipelines.paths import BEST_JSON, PARETO_JSON
 
 
@@ -34,7 +34,7 @@ def load_measured(pareto: Path, best: Path) -> tuple[list[dict[str, Any]], str |
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{pareto}: not a tune Pareto file ({err}); rerun `gattn tune`") from None
     if task is None and Path(best).is_file():
-        task = read_json(BestFile, best, BEST_FIX).task
+        task = read_file(BestFile, best, BEST_FIX).task
     return points, task
 
 

