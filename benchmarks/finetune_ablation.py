@@ -7,10 +7,11 @@ The config is the search's fixed point "local CNN + global self-attention x2" (t
 point of ``tune.points_to_evaluate`` in params.yaml), or ``--best``'s selected entry. On the
 prepared default data (``data/prepared``; run ``gattn prepare`` first) it is trained
 
-- ``tune trial``: as a tune trial trains it (:func:`pipelines.tune.train_config`, in-process,
-  ``tune`` section of params.yaml);
-- ``finetune``: as the finetune stage trains it (:func:`pipelines.finetune.finetune`, Ray Train,
-  ``finetune`` section);
+- ``tune trial``: as a tune trial trains it
+  (:func:`pipelines.stages.tune.trial.train_config`, in-process, ``tune`` section of
+  params.yaml);
+- ``finetune``: as the finetune stage trains it
+  (:func:`pipelines.stages.finetune.finetune`, Ray Train, ``finetune`` section);
 - and as the finetune stage with one setting switched: the context-crop share, the
   learning-rate schedule (constant vs warm-up + cosine), pretrained init, epochs, class
   weighting, the validation subset that picks the best epoch, and a Ray Train worker vs Ray
@@ -50,12 +51,14 @@ from _common import (  # noqa: E402
 from gattn.data.views import seg_eval_transform  # noqa: E402
 from gattn.models import build_model, load_model  # noqa: E402
 from gattn.models.pretrained import read_encoder, same_backbone  # noqa: E402
-from pipelines import tune  # noqa: E402
 from pipelines.config import EvaluateParams, load_params  # noqa: E402
-from pipelines.evaluate import runners, score_mode  # noqa: E402
-from pipelines.finetune import finetune  # noqa: E402
+from pipelines.data import open_split  # noqa: E402
 from pipelines.metrics import score  # noqa: E402
-from pipelines.prepare import open_split  # noqa: E402
+from pipelines.stages.evaluate import runners, score_mode  # noqa: E402
+from pipelines.stages.finetune import finetune  # noqa: E402
+from pipelines.stages.tune.space import model_config, summary, trial_id  # noqa: E402
+from pipelines.stages.tune.stage import data_context  # noqa: E402
+from pipelines.stages.tune.trial import train_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,10 +115,10 @@ def searched_entry(params: Any, best: Path | None, num_classes: int) -> dict[str
         return data["per_budget"][data["selected_budget"]]
     p = params.tune
     sample = next(x for x in p.points_to_evaluate if x.get("module") == "global_attn")
-    cfg = tune.model_config(sample, p, "seg", num_classes, 3)
+    cfg = model_config(sample, p, "seg", num_classes, 3)
     return {
-        "trial": tune.trial_id(sample),
-        "summary": tune.summary(sample),
+        "trial": trial_id(sample),
+        "summary": summary(sample),
         "model": cfg,
         "sample": sample,
         "train": {
@@ -131,11 +134,11 @@ def searched_entry(params: Any, best: Path | None, num_classes: int) -> dict[str
 def train_trial(params: Any, entry: dict[str, Any], seed: int, prepared: Path) -> Any:
     """The config trained as a tune trial trains it; returns the model."""
     p = params.tune
-    context = tune.data_context(prepared, ROOT / "models/pretrained", p, seed)
+    context = data_context(prepared, ROOT / "models/pretrained", p, seed)
     sample = entry.get("sample") or {**entry["train"], "family": "", "module": ""}
     row: dict[str, Any] = {"steps": 0}
     torch.set_num_threads(2)
-    return tune.train_config(
+    return train_config(
         sample, context, p, dict(entry["model"]), torch.device("cpu"), row, lambda r: None
     )
 

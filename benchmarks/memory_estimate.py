@@ -35,7 +35,7 @@ from _common import environment, write_results  # noqa: E402
 
 from gattn.budget import estimate_peak_memory, profiled_peak_memory  # noqa: E402
 from pipelines.config import TuneParams  # noqa: E402
-from pipelines.tune import ATTENTION_BLOCKS, model_config, summary  # noqa: E402
+from pipelines.stages.tune.space import ATTENTION_BLOCKS, model_config, summary  # noqa: E402
 
 TARGET = 0.15
 MIB = 2**20

@@ -9,8 +9,8 @@ Usage: ``python benchmarks/pretrain.py [--device cuda --peak-tflops 989] [--size
    ``gattn_vit_global``). Both in this process, interleaved; target: ratio >= 2.5. Model FLOPs
    per image are counted with ``torch.utils.flop_counter``; with ``--peak-tflops`` the
    model-FLOPs utilisation (MFU) is reported too.
-2. Ray Train: the ``pretrain`` stage (:func:`pipelines.pretrain.pretrain`, MAE, probe off) for
-   few epochs with 1 worker x ``--cpus`` CPUs and with 2 workers x ``--cpus / 2`` CPUs (the
+2. Ray Train: the ``pretrain`` stage (:func:`pipelines.stages.pretrain.pretrain`, MAE, probe off)
+   for few epochs with 1 worker x ``--cpus`` CPUs and with 2 workers x ``--cpus / 2`` CPUs (the
    same cores): the median images/s of the epochs after the first (which pays for start-up)
    and their ratio. On one 2-core machine the ratio
    shows the DDP overhead (no new cores); on a cluster, give each worker its own cores.
@@ -36,7 +36,7 @@ from _common import environment, median_time, write_results  # noqa: E402
 
 from gattn.ssl import MaskedAutoencoder, masked_mse  # noqa: E402
 from pipelines.config import Params, PretrainParams  # noqa: E402
-from pipelines.pretrain import build_objective, encoder_config, pretrain  # noqa: E402
+from pipelines.stages.pretrain import build_objective, encoder_config, pretrain  # noqa: E402
 
 TARGET = 2.5
 
@@ -95,7 +95,7 @@ def prepared_data(root: Path, given: Path | None, n: int) -> Path:
     """``given`` if it is a prepared folder, else a small cue-seg set prepared under ``root``."""
     if given is not None and (given / "splits.json").is_file():
         return given
-    from pipelines.prepare import prepare
+    from pipelines.stages.prepare import prepare
 
     data = {"num_samples": n, "large": {"num_samples": 0}, "grid_samples": 4}
     prepare(Params.model_validate({"data": data}), root / "prepared", root / "prepare-reports")

@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/pretrain_probe.py [--tasks cue-seg pathfinder --seeds 0 1]``
 
-Runs the real ``pretrain`` stage (:func:`pipelines.pretrain.pretrain`, on Ray) for each task,
+Runs the real ``pretrain`` stage (:func:`pipelines.stages.pretrain.pretrain`, on Ray) for each task,
 recipe and seed, and reads its frozen-feature probes (:mod:`gattn.ssl.probe`: weighted k-NN and
 a linear probe on pooled encoder features, scored on the val split, each against the same
 encoder at its random initialisation: the same seed and constructor call as the run's start).
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 
 from pipelines.config import Params, PretrainParams  # noqa: E402
-from pipelines.pretrain import pretrain  # noqa: E402
-from pipelines.ray_utils import local_ray  # noqa: E402
+from pipelines.ray_session import local_ray  # noqa: E402
+from pipelines.stages.pretrain import pretrain  # noqa: E402
 
 COLUMNS = [
     "task",
@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--out", default="pretrain_probe", help="results name")
     args = parser.parse_args()
 
-    from pipelines.prepare import prepare
+    from pipelines.stages.prepare import prepare
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, local_ray():

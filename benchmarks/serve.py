@@ -2,8 +2,8 @@
 
 Usage: ``python benchmarks/serve.py [--duration 10 --clients 1 8 32 --model models/finetuned]``
 
-One local Serve instance runs two copies of the app (:mod:`pipelines.serve`, deployed from a
-config written by :func:`pipelines.deploy.serve_config`, as ``gattn serve`` does), each one
+One local Serve instance runs two copies of the app (:mod:`pipelines.serve.app`, deployed from a
+config written by :func:`pipelines.stages.deploy.serve_config`, as ``gattn serve`` does), each one
 ingress replica (``--ingress-cpus``) and one model replica (``--num-cpus``): ``batched``
 (``max_batch_size=--max-batch-size``, waiting at most ``--batch-wait`` seconds) and ``single``
 (``max_batch_size=1``, the baseline). ``--haproxy`` runs Ray Serve's high-throughput mode
@@ -46,8 +46,8 @@ from _common import environment, write_results  # noqa: E402
 
 from gattn.models import build_model, read_config, save_model  # noqa: E402
 from pipelines.config import ServeParams  # noqa: E402
-from pipelines.deploy import serve_config  # noqa: E402
-from pipelines.ray_utils import SERVE_HIGH_THROUGHPUT_ENV  # noqa: E402
+from pipelines.serve.runner import SERVE_HIGH_THROUGHPUT_ENV  # noqa: E402
+from pipelines.stages.deploy import serve_config  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
 TARGET_CLIENTS = 32
@@ -166,7 +166,7 @@ def main() -> int:
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.serve import cpus_needed, deploy_config
+    from pipelines.serve.runner import cpus_needed, deploy_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)

@@ -4,8 +4,9 @@ Usage: ``python benchmarks/tune_points.py [--seeds 0 1 2 3] [--modules global_at
 
 Each point of ``tune.points_to_evaluate`` (params.yaml) on the local CNN (the local baseline
 and every global module at one setting) is trained exactly as a tune trial trains it
-(:func:`pipelines.tune.train_config`: ``tune.epochs`` epochs, warm-up + cosine, class-balanced
-loss, one CPU thread) at each seed on the prepared default data (``data/prepared``), and its
+(:func:`pipelines.stages.tune.trial.train_config`: ``tune.epochs`` epochs, warm-up + cosine,
+class-balanced loss, one CPU thread) at each seed on the prepared default data
+(``data/prepared``), and its
 validation mIoU is recorded after every epoch. On cue-seg a model that has not found the cue
 names every shape with one class (mIoU about 0.3-0.55); one that has is near 0.8 after the
 trial's epochs. Each (point, seed) is one resumable piece cached under ``--work``. Writes
@@ -29,8 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 
-from pipelines import tune  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
+from pipelines.stages.tune.space import model_config, summary  # noqa: E402
+from pipelines.stages.tune.stage import data_context  # noqa: E402
+from pipelines.stages.tune.trial import train_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUND = 0.7  # val mIoU above which the cue has been found (the local baseline stays near 0.35)
@@ -43,17 +46,15 @@ def run_point(sample: dict[str, Any], seed: int, params: Any, data: Path, work: 
     if done.is_file():
         return json.loads(done.read_text())
     p = params.tune
-    context = tune.data_context(data, None, p, seed)
-    cfg = tune.model_config(sample, p, context["kind"], context["num_classes"], context["in_chans"])
+    context = data_context(data, None, p, seed)
+    cfg = model_config(sample, p, context["kind"], context["num_classes"], context["in_chans"])
     curve: list[float] = []
     row: dict[str, Any] = {"steps": 0}
     t0 = time.perf_counter()
-    tune.train_config(
+    train_config(
         sample, context, p, cfg, torch.device("cpu"), row, lambda r: curve.append(r["quality"])
     )
-    print(
-        f"[points] {tune.summary(sample)} seed {seed}: {curve} ({time.perf_counter() - t0:.0f} s)"
-    )
+    print(f"[points] {summary(sample)} seed {seed}: {curve} ({time.perf_counter() - t0:.0f} s)")
     work.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(curve))
     return curve
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         found = [next((i + 1 for i, q in enumerate(c) if q >= FOUND), None) for c in curves]
         rows.append(
             {
-                "point": tune.summary(sample),
+                "point": summary(sample),
                 "final_mean": statistics.fmean(finals),
                 "final_spread": max(finals) - min(finals),
                 "found_cue": f"{sum(f is not None for f in found)}/{len(found)}",

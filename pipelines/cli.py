@@ -1,6 +1,8 @@
 """The ``gattn`` command line: one sub-command per pipeline stage or tool.
 
-Each sub-command lives in its own module under ``pipelines/`` and exposes
+Each sub-command lives in its own module (a DVC stage under ``pipelines/stages/``, the
+serving commands under ``pipelines/serve/``, the other tools under ``pipelines/commands/``) and
+exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; a module is imported only when its
 command runs, so ``gattn --help`` and every stage start fast.
 """
@@ -13,18 +15,48 @@ import sys
 
 # command name -> (module, one-line help). Add a line when a stage lands.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("pipelines.prepare", "generate or index the data set, split it, report on it"),
-    "pretrain": ("pipelines.pretrain", "self-supervised pretraining (MAE/DINO) on Ray Train"),
-    "tune": ("pipelines.tune", "search global modules under memory budgets (Ray Tune)"),
-    "recommend": ("pipelines.recommend", "which global strategy fits a memory budget, and why"),
-    "finetune": ("pipelines.finetune", "fine-tune the searched config on Ray Train, register it"),
-    "evaluate": ("pipelines.evaluate", "score the model: test split, large images, TTA, ERF"),
-    "explain": ("pipelines.explain", "draw where the model looks (rollout/Grad-CAM) on an image"),
-    "deploy": ("pipelines.deploy", "write the Ray Serve config for the registered model"),
-    "serve": ("pipelines.serve", "run the Ray Serve app locally (blocking; Ctrl-C stops)"),
-    "predict": ("pipelines.client", "send an image to the running app, print or save the answer"),
-    "pipeline": ("pipelines.pipeline", "run every stage (dvc repro) under one MLflow parent run"),
-    "launch": ("pipelines.launch", "run a stage (tune, pretrain) on a Ray cluster as a Ray job"),
+    "prepare": (
+        "pipelines.stages.prepare",
+        "generate or index the data set, split it, report on it",
+    ),
+    "pretrain": (
+        "pipelines.stages.pretrain",
+        "self-supervised pretraining (MAE/DINO) on Ray Train",
+    ),
+    "tune": (
+        "pipelines.stages.tune.stage",
+        "search global modules under memory budgets (Ray Tune)",
+    ),
+    "recommend": (
+        "pipelines.commands.recommend",
+        "which global strategy fits a memory budget, and why",
+    ),
+    "finetune": (
+        "pipelines.stages.finetune",
+        "fine-tune the searched config on Ray Train, register it",
+    ),
+    "evaluate": (
+        "pipelines.stages.evaluate",
+        "score the model: test split, large images, TTA, ERF",
+    ),
+    "explain": (
+        "pipelines.commands.explain",
+        "draw where the model looks (rollout/Grad-CAM) on an image",
+    ),
+    "deploy": ("pipelines.stages.deploy", "write the Ray Serve config for the registered model"),
+    "serve": ("pipelines.serve.runner", "run the Ray Serve app locally (blocking; Ctrl-C stops)"),
+    "predict": (
+        "pipelines.serve.client",
+        "send an image to the running app, print or save the answer",
+    ),
+    "pipeline": (
+        "pipelines.commands.pipeline",
+        "run every stage (dvc repro) under one MLflow parent run",
+    ),
+    "launch": (
+        "pipelines.commands.launch",
+        "run a stage (tune, pretrain) on a Ray cluster as a Ray job",
+    ),
 }
 
 

@@ -1,19 +1,92 @@
-"""Prepared splits as tensors, for the stages that hold a (small) split in memory.
+"""The prepared data set as the stages open it: its splits, subsets and fingerprint.
 
-The tune stage trains every trial from one in-memory copy of the training split and scores
-each on the validation split; the finetune stage scores its model on the same validation
-images to compare it with the search's best trial.
+The ``prepare`` stage writes ``data/prepared/splits.json`` (which images form the train, val
+and test splits, the classes, where the images live, the task) and, for a generated benchmark,
+the images themselves; every later stage reads the data through this module, never through
+``prepare``'s code. :func:`load_tensors` holds a (small) split in memory as one tensor: the tune
+stage trains every trial from one copy, and the finetune stage scores its model on the
+search's validation images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from pipelines.prepare import open_split
+from gattn.data import ImageFolderDataset, SegmentationFolderDataset, SyntheticDataset
+from pipelines.paths import PREPARED, SPLITS_JSON
+
+SPLITS = ("train", "val", "test")
+GENERATED = ("cue-seg", "pathfinder")  # data.task values whose images prepare generates
+
+
+def read_splits(prepared: Path = PREPARED) -> dict[str, Any]:
+    """``splits.json`` of a prepared data folder.
+
+    Raises:
+        FileNotFoundError: the folder holds no prepared data (the message says the fix).
+    """
+    path = Path(prepared) / SPLITS_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `gattn prepare` first (or pass --data)")
+    return json.loads(path.read_text())
+
+
+def images_root(prepared: Path, info: dict[str, Any]) -> Path:
+    """Where the images of a prepared data set live (inside ``prepared`` when generated)."""
+    root = Path(info["root"])
+    return root if root.is_absolute() else Path(prepared) / root
+
+
+def open_split(
+    split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
+) -> Dataset:
+    """The ``train``/``val``/``test`` split (or the large images) of a prepared data set."""
+    prepared = Path(prepared)
+    info = read_splits(prepared)
+    if large:
+        if not info.get("large"):
+            raise FileNotFoundError(f"{prepared} has no large images (data.large.num_samples: 0)")
+        return SyntheticDataset(prepared / info["large"], transform=transform, check="none")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    root = images_root(prepared, info)
+    if info["task"] in GENERATED:
+        full: Any = SyntheticDataset(root, transform=transform, check="none")
+    elif info["task"] == "folder-cls":
+        full = ImageFolderDataset(root, transform=transform, check="none")
+    else:
+        full = SegmentationFolderDataset(root, len(info["classes"]), transform, check="none")
+    position = {Path(p).relative_to(root).as_posix(): i for i, (p, _) in enumerate(full.samples)}
+    wanted = info[split]
+    missing = [p for p in wanted if p not in position]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} file(s) of split {split!r} are gone from {root} (e.g. {missing[0]}); "
+            "rerun `gattn prepare`"
+        )
+    return Subset(full, [position[p] for p in wanted])
+
+
+def subset(ds: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` samples of ``ds`` (all of them for ``None``)."""
+    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
+
+
+def data_fingerprint(prepared: Path) -> str:
+    """A hash of the prepared data's description: its splits and, if generated, its manifest.
+    Part of every Ray run name, so that a run never resumes on other data."""
+    prepared = Path(prepared)
+    digest = hashlib.sha256((prepared / SPLITS_JSON).read_bytes())
+    manifest = images_root(prepared, read_splits(prepared)) / "manifest.json"
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    return digest.hexdigest()
 
 
 def load_tensors(
@@ -25,15 +98,14 @@ def load_tensors(
 
     from gattn.data.views import seg_eval_transform, to_float
 
-    kind = json.loads((Path(prepared) / "splits.json").read_text())["kind"]
+    kind = read_splits(prepared)["kind"]
     transform = (
         seg_eval_transform(size)
         if kind == "seg"
         else v2.Compose([v2.Resize((size, size)), to_float()])
     )
-    ds: Dataset = open_split(split, prepared, transform)
-    n = len(ds) if limit is None else min(limit, len(ds))  # type: ignore[arg-type]
-    images, targets = zip(*(ds[i] for i in range(n)), strict=True)
+    ds = subset(open_split(split, prepared, transform), limit)
+    images, targets = zip(*(ds[i] for i in range(len(ds))), strict=True)  # type: ignore[arg-type]
     return (
         torch.stack([torch.as_tensor(x) for x in images]),
         torch.as_tensor(torch.stack(targets) if kind == "seg" else targets),
@@ -46,7 +118,7 @@ def native_size(prepared: Path, largest: int | None = None) -> int:
     images (``folder-*`` tasks, any sizes) ``largest``, the largest resolution a trial trains
     at, so no image is forced to the first one's size (and a large first photo does not make
     every tensor large). Without ``largest``, the first training image's side."""
-    info = json.loads((Path(prepared) / "splits.json").read_text())
+    info = read_splits(prepared)
     if largest is not None and str(info.get("task", "")).startswith("folder"):
         return int(largest)
     image = open_split("train", prepared)[0][0]

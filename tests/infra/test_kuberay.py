@@ -16,8 +16,8 @@ import ray
 import yaml
 
 from pipelines.cli import COMMANDS
+from pipelines.commands.launch import EXCLUDES, STAGES, entrypoint
 from pipelines.config import load_params
-from pipelines.launch import EXCLUDES, STAGES, entrypoint
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
@@ -173,9 +173,9 @@ def test_the_gpu_profile_fits_the_gpu_worker_pods() -> None:
 def test_rayservice_carries_the_deploy_stage_config_for_an_app_that_exists() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines import serve
-    from pipelines.deploy import serve_config
-    from pipelines.ray_utils import SERVE_HIGH_THROUGHPUT_ENV
+    from pipelines import contracts
+    from pipelines.serve.runner import SERVE_HIGH_THROUGHPUT_ENV
+    from pipelines.stages.deploy import serve_config
 
     (service,) = of_kind("RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -189,11 +189,11 @@ def test_rayservice_carries_the_deploy_stage_config_for_an_app_that_exists() -> 
     (app,) = config["applications"]
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    serve.AppArgs.model_validate(app["args"])  # the builder accepts these args
+    contracts.AppArgs.model_validate(app["args"])  # the builder accepts these args
     assert app["args"]["model"].startswith(f"models:/{params.tracking.model_name}@")
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {serve.INGRESS, serve.DEPLOYMENT}
-    model, ingress = deployments[serve.DEPLOYMENT], deployments[serve.INGRESS]
+    assert set(deployments) == {contracts.INGRESS, contracts.DEPLOYMENT}
+    model, ingress = deployments[contracts.DEPLOYMENT], deployments[contracts.INGRESS]
 
     # the replicas fit the GPU worker pods that exist at minReplicas, with their token: the
     # model replicas by GPU and CPU, the ingress replicas in the CPUs the model leaves

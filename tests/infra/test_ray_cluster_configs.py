@@ -18,8 +18,8 @@ import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipelines.commands.launch import requirements
 from pipelines.config import load_params
-from pipelines.launch import requirements
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "infra" / "ray").glob("*.yaml"))

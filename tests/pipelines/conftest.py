@@ -1,5 +1,5 @@
 """Pipeline tests log to a throw-away MLflow store, never to the project's mlflow.db, share
-one way of starting Ray (:func:`pipelines.ray_utils.local_ray`: local, on loopback, without a
+one way of starting Ray (:func:`pipelines.ray_session.local_ray`: local, on loopback, without a
 dashboard, shut down after), one tiny prepared data set, one way of finding a free port, and
 one way of running the whole pipeline: a scratch copy of the project on a tiny params profile
 (:func:`tiny_project`) driven through the ``gattn`` command line (:func:`gattn_cli`)."""
@@ -98,7 +98,7 @@ def free_port() -> Callable[[], int]:
 def ray_local() -> Iterator[None]:
     """A local Ray instance (2 CPUs, 127.0.0.1, auth off) for one test module."""
     pytest.importorskip("ray")
-    from pipelines.ray_utils import local_ray
+    from pipelines.ray_session import local_ray
 
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
@@ -112,7 +112,7 @@ def prepared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     """A tiny prepared ``cue-seg`` set at 32 px without large images, for one test module:
     ``PREPARED_SAMPLES`` images (a module constant; default 20)."""
     from pipelines.config import Params
-    from pipelines.prepare import prepare
+    from pipelines.stages.prepare import prepare
 
     root = tmp_path_factory.mktemp("data")
     data = {

@@ -104,7 +104,7 @@ def test_every_default_holds_for_every_task(tmp_path: Path, task: str) -> None:
     its sweep points fit the task's search space exactly (Ray's own warm-start check)."""
     from ray.tune.utils.util import validate_warmstart
 
-    from pipelines.tune import search_space
+    from pipelines.stages.tune.space import search_space
 
     root = ["data.root=photos"] if task.startswith("folder") else []
     params = load_params(ROOT / "params.yaml", [f"data.task={task}", *root])

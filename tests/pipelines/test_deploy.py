@@ -16,10 +16,10 @@ from gattn.models import build_model, read_config, save_model
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.config import ParamsError, ServeParams
-from pipelines.deploy import deploy
 from pipelines.io import write_json
 from pipelines.registry import register
-from pipelines.serve import cpus_needed, load_config
+from pipelines.serve.runner import cpus_needed, load_config
+from pipelines.stages.deploy import deploy
 
 serve = pytest.importorskip("ray.serve")
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
@@ -57,7 +57,7 @@ def test_deploy_writes_a_valid_config_for_the_registered_version(
     config = ServeDeploySchema.model_validate(raw)
     assert config.http_options.host == "127.0.0.1" and config.http_options.port == 8123
     (app,) = config.applications
-    assert app.route_prefix == "/" and app.import_path == "pipelines.serve:build_app"
+    assert app.route_prefix == "/" and app.import_path == "pipelines.serve.app:build_app"
     assert app.args["model"] == "models:/gattn-model/2"  # pinned, not whatever is champion later
     assert app.args["tracking_uri"] == os.environ["MLFLOW_TRACKING_URI"]
     assert app.args["max_batch_size"] == 4 and app.args["auth_token_env"] is None
@@ -100,7 +100,7 @@ def test_nothing_to_serve_or_broken_model_writes_nothing(tmp_path: Path, finetun
     cfg = read_config(finetuned)
     del cfg["img_size"], cfg["model"]["num_classes"]
     write_json(finetuned / "config.json", cfg)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ParamsError, match=r"config.json: not a valid ModelMeta \(img_size"):
         deploy(ServeParams(), finetuned, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="max_ongoing_requests"):

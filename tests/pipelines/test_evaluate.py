@@ -15,8 +15,9 @@ from gattn.data.views import seg_eval_transform
 from gattn.models import build_model, save_model
 from pipelines.cli import main
 from pipelines.config import EvaluateParams, Params
-from pipelines.evaluate import evaluate, fixed_input_size, runners
-from pipelines.prepare import open_split, prepare
+from pipelines.data import open_split
+from pipelines.stages.evaluate import evaluate, fixed_input_size, runners
+from pipelines.stages.prepare import prepare
 
 SEG = {"task": "seg", "backbone": "gattn_local_cnn", "num_classes": 4, "head": "fcn"}
 CLS = {"task": "cls", "backbone": "gattn_local_cnn", "num_classes": 2}

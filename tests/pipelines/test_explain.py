@@ -12,7 +12,7 @@ from PIL import Image
 
 from gattn.models import build_model, save_model
 from pipelines.cli import main
-from pipelines.explain import explain
+from pipelines.commands.explain import explain
 
 VIT = {
     "task": "cls",

@@ -15,17 +15,18 @@ from gattn.data.views import seg_eval_transform
 from gattn.models import build_model, load_model
 from pipelines.cli import main
 from pipelines.config import FinetuneParams, ParamsError, PretrainParams
-from pipelines.finetune import (
+from pipelines.contracts import ContractError
+from pipelines.data import open_split
+from pipelines.metrics import score
+from pipelines.registry import resolve_model
+from pipelines.stages.finetune import (
     WorseThanSearchError,
     finetune,
     layer_id,
     load_best,
     param_groups,
 )
-from pipelines.metrics import score
-from pipelines.prepare import open_split
-from pipelines.pretrain import ENCODER, encoder_config
-from pipelines.registry import resolve_model
+from pipelines.stages.pretrain import ENCODER, encoder_config
 
 ray = pytest.importorskip("ray")
 
@@ -97,14 +98,21 @@ def test_layer_decay_scales_depth_and_skips_decay_on_biases() -> None:
 
 def test_load_best_picks_the_budget(tmp_path: Path) -> None:
     path = best_json(tmp_path / "best.json", SEG)
-    assert load_best(path)[0] == "1.0"
-    assert load_best(path, 1.0)[1]["model"] == SEG
+    assert load_best(path)[1] == "1.0"
+    assert load_best(path, 1.0)[2].model == SEG
     with pytest.raises(ParamsError, match="no searched config fits"):
         load_best(path, 0.5)
     with pytest.raises(ParamsError, match="not a searched budget"):
         load_best(path, 3.0)
-    with pytest.raises(FileNotFoundError, match="gattn tune"):
+    with pytest.raises(ContractError, match="gattn tune"):
         load_best(tmp_path / "missing.json")
+    broken = json.loads(path.read_text())
+    del broken["per_budget"]["1.0"]["train"]["lr"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(
+        ContractError, match=r"broken.json.*per_budget.1.0.train.lr: Field required"
+    ):
+        load_best(tmp_path / "broken.json")
 
 
 @pytest.mark.slow

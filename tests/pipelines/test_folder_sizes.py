@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.config import load_params
 from pipelines.data import load_tensors, native_size
-from pipelines.prepare import prepare
+from pipelines.stages.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_pretraining_batches_segmentation_photos_of_any_size(tmp_path: Path) -> 
     from gattn.data import SegmentationFolderDataset
     from gattn.ssl.probe import image_labels
     from pipelines.config import PretrainParams
-    from pipelines.pretrain import probe_view, train_view
+    from pipelines.stages.pretrain import probe_view, train_view
 
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()

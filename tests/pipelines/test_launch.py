@@ -21,8 +21,7 @@ import mlflow
 import pytest
 
 from pipelines.cli import COMMANDS, main
-from pipelines.config import ParamsError
-from pipelines.launch import (
+from pipelines.commands.launch import (
     EXCLUDES,
     STAGES,
     entrypoint,
@@ -33,6 +32,7 @@ from pipelines.launch import (
     runtime_env,
     tracking_warning,
 )
+from pipelines.config import ParamsError
 from pipelines.tracking import PROJECT_ROOT
 
 FAKE_PYTHON = """#!/bin/sh

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-import pipelines.predictor as predictor_module
+import pipelines.serve.predictor as predictor_module
 from gattn.models import build_model, load_model, save_model
+from pipelines.commands.explain import explain
 from pipelines.config import EvaluateParams, Params
-from pipelines.evaluate import open_sets, runners
-from pipelines.explain import explain
-from pipelines.predictor import InputSpec, Job, Options, Predictor
-from pipelines.prepare import prepare
-from pipelines.serve_io import decode_image
+from pipelines.serve.http_io import decode_image
+from pipelines.serve.predictor import InputSpec, Job, Options, Predictor
+from pipelines.stages.evaluate import open_sets, runners
+from pipelines.stages.prepare import prepare
 
 SIZE = 24  # the models' input size; the prepared images are 32 (test) and 80 (large) px
 VIT = {"embed_dim": 16, "depth": 1, "num_heads": 2}

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipelines.cli import main
 from pipelines.config import Params
-from pipelines.prepare import open_split, prepare, split_indices
+from pipelines.data import open_split
+from pipelines.stages.prepare import prepare, split_indices
 
 
 def params(**data) -> Params:
@@ -84,7 +85,7 @@ def test_failed_run_leaves_previous_output_intact(tmp_path: Path, monkeypatch) -
     def boom(*a, **k):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr("pipelines.prepare.class_balance", boom)
+    monkeypatch.setattr("pipelines.stages.prepare.class_balance", boom)
     with pytest.raises(RuntimeError):
         prepare(params(num_samples=30), out, tmp_path / "reports")
     assert (out / "splits.json").read_text() == before

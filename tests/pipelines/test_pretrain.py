@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from pipelines.cli import main
 from pipelines.config import Params, PretrainParams
-from pipelines.prepare import prepare
-from pipelines.pretrain import (
+from pipelines.data import data_fingerprint
+from pipelines.stages.prepare import prepare
+from pipelines.stages.pretrain import (
     build_objective,
-    data_fingerprint,
     encoder_config,
     load_encoder,
     pretrain,

@@ -1,6 +1,6 @@
 """The Ray Serve app against a real local Serve instance (one per module).
 
-Two apps from one serve config written by :func:`pipelines.deploy.serve_config` and deployed
+Two apps from one serve config written by :func:`pipelines.stages.deploy.serve_config` and deployed
 the way ``gattn serve`` does: ``/cls`` serves a tiny ViT classifier from the MLflow registry
 (``models:/...@champion``) with bearer-token auth; ``/seg`` a tiny CNN segmenter from a
 folder, without auth. Served outputs are checked against the models run offline.
@@ -31,8 +31,8 @@ from gattn.inference import sliding_window, tta
 from gattn.models import build_model, load_model, save_model
 from pipelines.cli import main
 from pipelines.config import ServeParams
-from pipelines.deploy import serve_config
 from pipelines.registry import register
+from pipelines.stages.deploy import serve_config
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -61,8 +61,8 @@ def server(
 ) -> Iterator[Server]:
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.ray_utils import local_ray
-    from pipelines.serve import cpus_needed, deploy_config
+    from pipelines.ray_session import local_ray
+    from pipelines.serve.runner import cpus_needed, deploy_config
 
     root = tmp_path_factory.mktemp("serve")
     store = f"sqlite:///{root / 'mlflow.db'}"

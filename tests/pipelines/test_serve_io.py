@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.serve_io import InputError, decode_image, image_bytes, mask_png, read_body
+from pipelines.serve.http_io import InputError, decode_image, image_bytes, mask_png, read_body
 
 
 def png(image: Image.Image, fmt: str = "PNG") -> bytes:

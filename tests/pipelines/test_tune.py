@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-import pipelines.tune as tune_mod
 from gattn.budget import estimate_peak_memory, profiled_peak_memory
 from pipelines.cli import main
 from pipelines.config import ParamsError, TuneParams
+from pipelines.stages.tune import results, scheduler, space, stage, trial
 
 ray = pytest.importorskip("ray")
 
@@ -66,16 +66,16 @@ def tiny(**overrides) -> TuneParams:
 
 @pytest.fixture(scope="module")
 def context(prepared: Path) -> dict:
-    return tune_mod.data_context(prepared, None, tiny(), seed=0)
+    return stage.data_context(prepared, None, tiny(), seed=0)
 
 
 def test_over_budget_trial_is_skipped_without_training(
     context: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    monkeypatch.setattr(tune_mod, "train_epoch", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(trial, "train_epoch", lambda *a, **k: calls.append(a))
     reports: list[dict] = []
-    row = tune_mod.run_trial(HUGE, context, reports.append)
+    row = trial.run_trial(HUGE, context, reports.append)
     assert row["status"] == "infeasible"
     assert calls == []  # no training step ran
     assert row["steps"] == 0 and row["fits_budgets_gib"] == []
@@ -85,12 +85,12 @@ def test_over_budget_trial_is_skipped_without_training(
 
 def test_feasible_trial_trains_and_measures(context: dict) -> None:
     reports: list[dict] = []
-    row = tune_mod.run_trial(SAMPLE, context, reports.append)
+    row = trial.run_trial(SAMPLE, context, reports.append)
     assert row["status"] == "ok", row.get("traceback")
     assert [r["epochs"] for r in reports] == [1, 2]
     assert row["steps"] == 2 * (8 // 4)
     assert 0.0 <= row["quality"] <= 1.0 and row["images_per_s"] > 0
-    assert row["params"] == sum(p.numel() for p in tune_mod.build_model(row["model"]).parameters())
+    assert row["params"] == sum(p.numel() for p in trial.build_model(row["model"]).parameters())
     # The trial's measured peak is the estimator's figure (the same step, real tensors).
     assert row["peak_memory_gib"] == pytest.approx(row["estimated_memory_gib"], rel=0.15)
 
@@ -102,20 +102,20 @@ def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
     weights; every step's learning rate is finetune's warm-up + cosine at the sample's peak."""
     p = tiny(epochs=3, warmup_epochs=1.0, min_lr_ratio=0.1)
     ctx = {**context, "params": p.model_dump(mode="json")}
-    cfg = tune_mod.model_config(SAMPLE, p, ctx["kind"], ctx["num_classes"], ctx["in_chans"])
+    cfg = space.model_config(SAMPLE, p, ctx["kind"], ctx["num_classes"], ctx["in_chans"])
     lrs: list[float] = []
-    step = tune_mod.train_step
+    step = trial.train_step
 
     def recording_step(model, optimizer, *args, **kwargs):
         lrs.append(optimizer.param_groups[0]["lr"])
         return step(model, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(tune_mod, "train_step", recording_step)
+    monkeypatch.setattr(trial, "train_step", recording_step)
 
     def train(seed: int) -> tuple[dict, dict]:
         row: dict = {"steps": 0}
         c = {**ctx, "seed": seed}
-        model = tune_mod.train_config(SAMPLE, c, p, dict(cfg), torch.device("cpu"), row, print)
+        model = trial.train_config(SAMPLE, c, p, dict(cfg), torch.device("cpu"), row, print)
         return row, model.state_dict()
 
     (a, wa), (b, wb), (_, wc) = train(0), train(0), train(1)
@@ -125,7 +125,7 @@ def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
 
     total, per_epoch = a["steps"], a["steps"] // 3
     peak = SAMPLE["lr"]
-    expected = [peak * tune_mod.warmup_cosine(s, total, 1.0, 0.1, per_epoch) for s in range(total)]
+    expected = [peak * trial.warmup_cosine(s, total, 1.0, 0.1, per_epoch) for s in range(total)]
     assert lrs[:total] == pytest.approx(expected)
     assert max(lrs) == pytest.approx(peak, rel=0.05) and lrs[total - 1] < 0.5 * peak
 
@@ -133,15 +133,15 @@ def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
 def test_crashing_and_oom_trials_are_recorded(
     context: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    row = tune_mod.run_trial(CRASH, context, lambda r: None)
+    row = trial.run_trial(CRASH, context, lambda r: None)
     assert row["status"] == "error" and "gridding" in row["error"]
     assert row["steps"] == 0 and "Traceback" in row["traceback"]
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    monkeypatch.setattr(tune_mod, "train_epoch", oom)
-    row = tune_mod.run_trial(SAMPLE, context, lambda r: None)
+    monkeypatch.setattr(trial, "train_epoch", oom)
+    row = trial.run_trial(SAMPLE, context, lambda r: None)
     assert row["status"] == "oom" and "out of memory" in row["error"]
 
 
@@ -162,7 +162,7 @@ def test_estimator_matches_profiler_on_default_space_sample() -> None:
             "batch_size": 2,
             "img_size": 48,
         }
-        cfg = tune_mod.model_config(sample, p, "seg", 4, 3)
+        cfg = space.model_config(sample, p, "seg", 4, 3)
         reference = profiled_peak_memory(cfg, 2, 48)
         estimate = estimate_peak_memory(cfg, 2, 48)
         assert abs(estimate - reference) <= 0.15 * reference, (sample, estimate, reference)
@@ -174,7 +174,7 @@ def test_pareto_front_matches_brute_force() -> None:
         {"quality": rng.random(), "peak_memory_gib": rng.random(), "images_per_s": rng.random()}
         for _ in range(30)
     ]
-    front = tune_mod.pareto_front(rows)
+    front = results.pareto_front(rows)
     for r in rows:
         beaten = any(
             o["quality"] >= r["quality"]
@@ -188,7 +188,7 @@ def test_pareto_front_matches_brute_force() -> None:
 
 def test_unknown_block_is_a_params_error() -> None:
     with pytest.raises(ParamsError, match="tune.modules"):
-        tune_mod.check_params(tiny(modules=["none", "non_local"]))
+        space.check_params(tiny(modules=["none", "non_local"]))
     with pytest.raises(ValueError, match="select_budget"):
         tiny(select_budget=3.0)
 
@@ -281,7 +281,7 @@ def test_trials_that_never_reported_are_written_and_the_stage_says_why(tmp_path:
     """A sweep whose trials were all stopped before their first report (a busy machine, a
     too-short time budget): the outputs are still written, every trial as stopped."""
     rows = [{"trial": "t1", "status": "stopped", "summary": "", "config": dict(SAMPLE)}]
-    metrics = tune_mod.write_outputs(rows, tiny(), "seg", 1.0, tmp_path / "m", tmp_path / "r")
+    metrics = results.write_outputs(rows, tiny(), "seg", 1.0, tmp_path / "m", tmp_path / "r")
     assert metrics["num_ok"] == 0 and metrics["num_stopped"] == 1
     with open(tmp_path / "r" / "trials.csv") as f:
         (trial,) = list(csv.DictReader(f))
@@ -296,7 +296,7 @@ def test_asha_never_stops_a_fixed_point_early_but_stops_sampled_trials() -> None
     from ray.tune.schedulers import TrialScheduler
 
     points = [{"module": "ppm", "lr": 0.003}]
-    sched = tune_mod.points_run_to_end(
+    sched = scheduler.points_run_to_end(
         points, "training_iteration", max_t=4, grace_period=1, reduction_factor=2
     )
     sched.set_search_properties("quality", "max")
@@ -315,7 +315,7 @@ def test_asha_never_stops_a_fixed_point_early_but_stops_sampled_trials() -> None
     ]
     stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
     assert actions == [go, stop, go, stop]  # the point runs on, the same module sampled does not
-    assert tune_mod.is_point(configs[2], points) and not tune_mod.is_point(configs[3], points)
+    assert scheduler.is_point(configs[2], points) and not scheduler.is_point(configs[3], points)
     # At max_t the point stops like any trial.
     final = sched.on_trial_result(None, trials[2], {"training_iteration": 4, "quality": 0.8})
     assert final == TrialScheduler.STOP

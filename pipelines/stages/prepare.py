@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from gattn.data import (
     ImageFolderDataset,
@@ -35,11 +35,9 @@ from gattn.data import (
 )
 from gattn.diagnostics import sample_grid
 from pipelines.config import Params, add_params_arguments, load_params
+from pipelines.data import GENERATED, SPLITS
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-
-PREPARED = Path("data/prepared")
-REPORTS = Path("reports/prepare")
-SPLITS = ("train", "val", "test")
+from pipelines.paths import PREPARE_REPORTS, PREPARED, SPLITS_JSON
 
 
 def split_indices(n: int, val: float, test: float, seed: int) -> dict[str, list[int]]:
@@ -58,7 +56,7 @@ def split_indices(n: int, val: float, test: float, seed: int) -> dict[str, list[
 def _index(params: Params, work: Path) -> tuple[Dataset, Path, str]:
     """Build (or generate, then open) the full data set. Returns (dataset, root, kind)."""
     d = params.data
-    if d.task in ("cue-seg", "pathfinder"):
+    if d.task in GENERATED:
         root = work / "dataset"
         t0 = time.perf_counter()
         manifest = generate(d.task, root, d.num_samples, d.image_size, params.seed, **d.generator)
@@ -128,7 +126,7 @@ def _write_balance_csv(path: Path, names: list[str], balance: dict[str, list[flo
     write_csv(path, rows, ["split", "class", "fraction"])
 
 
-def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORTS) -> dict:
+def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = PREPARE_REPORTS) -> dict:
     """Run the stage; returns the report (also written to ``reports_dir``)."""
     d = params.data
     out_dir, reports_dir = Path(out_dir), Path(reports_dir)
@@ -137,7 +135,7 @@ def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORT
     dataset, root, kind = _index(params, work)
     names = _class_names(dataset, kind)
     splits = split_indices(len(dataset), d.val_fraction, d.test_fraction, params.seed)
-    if d.task in ("cue-seg", "pathfinder") and d.large.num_samples:
+    if d.task in GENERATED and d.large.num_samples:
         generate(
             d.task,
             work / "large",
@@ -152,7 +150,7 @@ def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORT
 
     in_work = root.is_relative_to(work)
     write_json(
-        work / "splits.json",
+        work / SPLITS_JSON,
         {
             "task": d.task,
             "kind": kind,
@@ -188,41 +186,12 @@ def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = REPORT
     return report
 
 
-def open_split(
-    split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
-) -> Dataset:
-    """The ``train``/``val``/``test`` split (or the large images) written by :func:`prepare`."""
-    prepared = Path(prepared)
-    info = json.loads((prepared / "splits.json").read_text())
-    if large:
-        if not info.get("large"):
-            raise FileNotFoundError(f"{prepared} has no large images (data.large.num_samples: 0)")
-        return SyntheticDataset(prepared / info["large"], transform=transform, check="none")
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    root = Path(info["root"])
-    root = root if root.is_absolute() else prepared / root
-    if info["task"] in ("cue-seg", "pathfinder"):
-        full: Any = SyntheticDataset(root, transform=transform, check="none")
-    elif info["task"] == "folder-cls":
-        full = ImageFolderDataset(root, transform=transform, check="none")
-    else:
-        full = SegmentationFolderDataset(root, len(info["classes"]), transform, check="none")
-    position = {Path(p).relative_to(root).as_posix(): i for i, (p, _) in enumerate(full.samples)}
-    wanted = info[split]
-    missing = [p for p in wanted if p not in position]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} file(s) of split {split!r} are gone from {root} (e.g. {missing[0]}); "
-            "rerun `gattn prepare`"
-        )
-    return Subset(full, [position[p] for p in wanted])
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(parser)
     parser.add_argument("--out", type=Path, default=PREPARED, help="data folder to write")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=PREPARE_REPORTS, help="report folder to write"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,11 +208,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.reports), artifact_path="prepare")
     print(f"prepare: {json.dumps(report['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["prepare", *sys.argv[1:]]))

@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,32 +46,29 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from gattn.data.views import seg_eval_transform, seg_train_transform
 from gattn.models import build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
-from gattn.ssl import warmup_cosine
 from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
-from pipelines.data import load_tensors, native_size
+from pipelines.contracts import BEST_FIX, BestEntry, BestFile, ModelMeta, read_file
+from pipelines.data import (
+    data_fingerprint,
+    load_tensors,
+    native_size,
+    open_split,
+    read_splits,
+    subset,
+)
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score, score_resized
-from pipelines.prepare import PREPARED, open_split
-from pipelines.pretrain import MODELS as PRETRAINED
-from pipelines.pretrain import data_fingerprint
-from pipelines.ray_utils import (
-    begin_epoch,
-    checkpoint_dir,
-    fit_torch_trainer,
-    mean_over_workers,
-    worker_loader,
-)
+from pipelines.paths import BEST_JSON, FINETUNE_REPORTS, FINETUNED, PREPARED, PRETRAINED
+from pipelines.train.loop import HISTORY, Hooks, train, unwrap
+from pipelines.train.trainer import fit_torch_trainer
 
-BEST_JSON = Path("models/tune/best.json")
-MODELS = Path("models/finetuned")
-REPORTS = Path("reports/finetune")
-WEIGHTS, BEST, STATE, HISTORY = "model.safetensors", "best.safetensors", "state.pt", "history.json"
+BEST = "best.safetensors"  # in a checkpoint: the weights of the best epoch so far
 _LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|stages|layer)\.?(\d+)(?:\.|$)")
 _EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|stem|conv1|bn1)(?:\.|$)")
 
@@ -81,22 +77,19 @@ _EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|stem|
 # The searched config
 
 
-def load_best(path: Path, budget_gib: float | None = None) -> tuple[str, dict[str, Any]]:
-    """The ``(budget key, entry)`` of ``best.json`` at ``budget_gib`` (default: selected).
+def load_best(path: Path, budget_gib: float | None = None) -> tuple[BestFile, str, BestEntry]:
+    """``best.json``, and the budget key and entry at ``budget_gib`` (default: selected).
 
     Raises:
-        FileNotFoundError: no ``best.json`` (run the tune stage).
+        ContractError: no ``best.json``, or not one the tune stage writes.
         ParamsError: the budget is not in the file, or no config fits it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run `gattn tune` first (or pass --best)")
-    best = json.loads(path.read_text())
-    per_budget: dict[str, Any] = best["per_budget"]
+    best = read_file(BestFile, path, BEST_FIX)
+    per_budget = best.per_budget
     if budget_gib is None:
-        if best.get("selected_budget") is None:
+        if best.selected_budget is None:
             raise ParamsError(f"{path}: the search found no config within any budget")
-        key = str(best["selected_budget"])
+        key = best.selected_budget
     else:
         keys = [k for k in per_budget if math.isclose(float(k), budget_gib)]
         if not keys:
@@ -111,12 +104,7 @@ def load_best(path: Path, budget_gib: float | None = None) -> tuple[str, dict[st
             f"finetune.budget_gib: no searched config fits {key} GiB ({path}); pick another "
             f"budget ({sorted((k for k, v in per_budget.items() if v), key=float)})"
         )
-    return key, entry
-
-
-def img_size_of(entry: Mapping[str, Any]) -> int:
-    """The training input size of a ``best.json`` entry."""
-    return int(entry["train"].get("img_size") or entry["model"]["img_size"])
+    return best, key, entry
 
 
 class WorseThanSearchError(RuntimeError):
@@ -125,23 +113,23 @@ class WorseThanSearchError(RuntimeError):
 
 def compare_with_search(
     model: nn.Module,
-    best: Mapping[str, Any],
-    entry: Mapping[str, Any],
+    best: BestFile,
+    entry: BestEntry,
     prepared: Path,
     task: str,
     num_classes: int,
     size: int,
 ) -> dict[str, Any]:
     """Score ``model`` as the search scored the trial it came from: the same images (the first
-    ``best["measured_on"]["images"]`` of the split), metric and resolution
+    ``best.measured_on.images`` of the split), metric and resolution
     (:func:`pipelines.metrics.score_resized`); older ``best.json`` files without
     ``measured_on`` are compared on the whole validation split."""
-    on = dict(best.get("measured_on") or {})
+    on = best.measured_on
     images, targets, _ = load_tensors(
-        prepared, on.get("split", "val"), on.get("images"), on.get("size") or native_size(prepared)
+        prepared, on.split, on.images, on.size or native_size(prepared)
     )
     ours = score_resized(model, images, targets, task, size, num_classes)[METRIC[task]]
-    search = float(entry["quality"])
+    search = float(entry.quality)
     return {
         "search_quality": search,
         "search_split_score": float(ours),
@@ -252,147 +240,110 @@ def window_view(
     return crop, mask
 
 
-def _subset(ds: Dataset, limit: int | None) -> Dataset:
-    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
+class FinetuneHooks(Hooks):
+    """The finetune stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
+    the searched model initialised from the pretrained encoder, class-balanced cross-entropy,
+    layer-wise learning-rate decay, the global-feedback windows (``context_crop``), and at the
+    end of each epoch the validation score, keeping the weights of the best epoch so far."""
+
+    loss_name = "train_loss"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.p = p = FinetuneParams.model_validate(config["params"])
+        self.peak_lr, self.min_lr_ratio = config["lr"], p.min_lr_ratio
+        self.warmup_epochs, self.epochs, self.grad_clip = p.warmup_epochs, p.epochs, p.grad_clip
+        self.task, self.num_classes = config["task"], config["num_classes"]
+        self.history = []
+        self.best: dict[str, torch.Tensor] = {}  # weights of the best epoch so far (CPU)
+        self.weight: torch.Tensor | None = None
+
+    def build(self) -> tuple[nn.Module, Dataset, int]:
+        p, config, size = self.p, self.config, self.config["img_size"]
+        model = build_model(config["model"])
+        initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
+        prepared = Path(config["prepared"])
+        train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
+        self.val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
+        if p.balance_classes:  # the all-background answer must not be the cheapest one
+            targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
+            self.weight = class_weights(targets, self.num_classes)
+        self.use_context = p.context_crop > 0 and self.task == "seg" and takes_context(model)
+        self.generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.rank)
+        return model, train, config["batch_size"]
+
+    def resume(self, folder: Path, state: dict[str, Any]) -> None:
+        self.best = load_file(str(folder / BEST))
+
+    def ddp_kwargs(self) -> dict[str, Any]:
+        # Batches without context leave the context projection unused: DDP must allow that.
+        return {"find_unused_parameters": self.use_context}
+
+    def on_device(self) -> None:
+        self.weight = None if self.weight is None else self.weight.to(self.device)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return param_groups(model, self.p.weight_decay, self.p.layer_decay)
+
+    def loss(
+        self, model: nn.Module, batch: Any, epoch: int, i: int
+    ) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+        images, targets = batch
+        p = self.p
+        if self.use_context and float(torch.rand(1, generator=self.generator)) < p.context_crop:
+            # Global feedback: the head sees a window, the context the whole image.
+            context = unwrap(model).encode_context(images)
+            images, targets = window_view(images, targets, p.context_crop_scale, self.generator)
+            logits = model(images, global_context=context)
+        else:
+            logits = model(images)
+        loss = F.cross_entropy(
+            logits.float(),
+            targets,
+            weight=self.weight,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=p.label_smoothing,
+        )
+        return loss, len(images), []
+
+    def end_epoch(self, model: nn.Module, row: dict[str, Any]) -> None:
+        model.eval()
+        val_loader = DataLoader(self.val, batch_size=self.config["batch_size"])
+        scores = score(model, val_loader, self.task, self.num_classes, self.device)
+        row["val_metric"] = scores[METRIC[self.task]]
+        row["val_accuracy"] = scores["accuracy"]
+        row["val_miou"] = scores["miou"]
+        previous = max((h["val_metric"] for h in self.history), default=-math.inf)
+        if not self.best or row["val_metric"] >= previous:  # ties: the later epoch
+            self.best = cpu_state_dict(model)
+        self.history.append(row)
+
+    def save(self, model: nn.Module, folder: Path) -> dict[str, Any]:
+        save_file(self.best, str(folder / BEST))
+        return {}
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build, initialise or resume, train, validate, checkpoint."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    p = FinetuneParams.model_validate(config["params"])
-    torch.set_num_threads(max(1, p.cpus_per_worker))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    task, num_classes, size = config["task"], config["num_classes"], config["img_size"]
-    torch.manual_seed(config["seed"])
-    model = build_model(config["model"])
-    initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
-
-    prepared = Path(config["prepared"])
-    train = _subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
-    val = _subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
-    weight = None
-    if p.balance_classes:  # the all-background answer must not be the cheapest one
-        targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
-        weight = class_weights(targets, num_classes)
-    batch = config["batch_size"]
-    loader, steps_per_epoch = worker_loader(train, batch, world)
-    total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
-
-    checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = []
-    best: dict[str, torch.Tensor] = {}  # weights of the best epoch so far (CPU)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
-            state = torch.load(Path(d) / STATE, weights_only=True)
-            history = json.loads((Path(d) / HISTORY).read_text())
-            best = load_file(str(Path(d) / BEST))
-    start_epoch = state["epoch"] if state else 0
-
-    use_context = p.context_crop > 0 and task == "seg" and takes_context(model)
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    # Batches without context leave the context projection unused: DDP must allow that.
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": use_context}
-    )
-    loader = ray.train.torch.prepare_data_loader(loader)
-    device = ray.train.torch.get_device()
-    weight = None if weight is None else weight.to(device)
-    groups = param_groups(getattr(model, "module", model), p.weight_decay, p.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config["lr"])
-
-    def lr_lambda(step: int) -> float:
-        return warmup_cosine(step, total, 1.0, p.min_lr_ratio, warmup)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda s, g=g: g["lr_scale"] * lr_lambda(s) for g in groups]
-    )
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    use_amp = device.type == "cuda"
-    metric = METRIC[task]
-
-    for epoch in range(start_epoch, p.epochs):
-        begin_epoch(config, epoch, rank, loader)
-        model.train()
-        sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
-        t0 = time.perf_counter()
-        for images, targets in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if use_context and float(torch.rand(1, generator=generator)) < p.context_crop:
-                    # Global feedback: the head sees a window, the context the whole image.
-                    context = getattr(model, "module", model).encode_context(images)
-                    images, targets = window_view(images, targets, p.context_crop_scale, generator)
-                    logits = model(images, global_context=context)
-                else:
-                    logits = model(images)
-                loss = F.cross_entropy(
-                    logits.float(),
-                    targets,
-                    weight=weight,
-                    ignore_index=IGNORE_INDEX,
-                    label_smoothing=p.label_smoothing,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            sums += torch.tensor([float(loss.detach()) * len(images), len(images)])
-        seconds = time.perf_counter() - t0
-        images_seen = float(sums[1]) * world
-        sums = mean_over_workers(sums, device)
-        inner = getattr(model, "module", model)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "start_epoch": start_epoch,
-            "train_loss": float(sums[0] / sums[1]),
-            "images_per_s": images_seen / max(seconds, 1e-9),
-            "lr": max(scheduler.get_last_lr()),
-        }
-        with checkpoint_dir(config, epoch + 1) as tmp:
-            ckpt = None
-            if rank == 0:
-                inner.eval()
-                val_loader = DataLoader(val, batch_size=batch)
-                scores = score(inner, val_loader, task, num_classes, device)
-                row["val_metric"] = scores[metric]
-                row["val_accuracy"] = scores["accuracy"]
-                row["val_miou"] = scores["miou"]
-                previous = max((h["val_metric"] for h in history), default=-math.inf)
-                if not best or row["val_metric"] >= previous:  # ties: the later epoch
-                    best = cpu_state_dict(inner)
-                history.append(row)
-                (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                save_file(best, str(Path(tmp) / BEST))
-                save_file(cpu_state_dict(inner), str(Path(tmp) / WEIGHTS))
-                torch.save(
-                    {
-                        "epoch": epoch + 1,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                    },
-                    Path(tmp) / STATE,
-                )
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in row.items() if k != "start_epoch"}, checkpoint=ckpt)
+    """One Ray Train worker of the stage (:class:`FinetuneHooks` in the shared loop)."""
+    hooks = FinetuneHooks(config)
+    train(hooks, hooks.p.cpus_per_worker)
 
 
 # --------------------------------------------------------------------------------------------
 # The stage
 
 
-def run_name(p: FinetuneParams, seed: int, entry: Mapping[str, Any], data: str, init: str) -> str:
+def run_name(p: FinetuneParams, seed: int, entry: BestEntry, data: str, init: str) -> str:
     """``finetune-<hash>`` of the section, seed, searched entry, data and initial weights."""
+    searched = entry.model_dump(mode="json", exclude_unset=True)  # as best.json holds it
     blob = json.dumps(
-        {"p": p.model_dump(mode="json"), "seed": seed, "entry": entry, "data": data, "init": init},
+        {
+            "p": p.model_dump(mode="json"),
+            "seed": seed,
+            "entry": searched,
+            "data": data,
+            "init": init,
+        },
         sort_keys=True,
     )
     return f"finetune-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -406,9 +357,9 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_config(entry: Mapping[str, Any], num_classes: int, img_size: int) -> dict[str, Any]:
+def model_config(entry: BestEntry, num_classes: int, img_size: int) -> dict[str, Any]:
     """The searched ``build_model`` config, checked against the data's classes."""
-    cfg = dict(entry["model"])
+    cfg = dict(entry.model)
     if int(cfg.get("num_classes", num_classes)) != num_classes:
         raise ParamsError(
             f"best.json's model has num_classes={cfg['num_classes']} but the prepared data has "
@@ -420,14 +371,121 @@ def model_config(entry: Mapping[str, Any], num_classes: int, img_size: int) -> d
     return cfg
 
 
+def loop_config(
+    p: FinetuneParams,
+    seed: int,
+    entry: BestEntry,
+    pretrained: Path,
+    prepared: Path,
+    fail_at_epoch: int | None = None,
+) -> dict[str, Any]:
+    """The workers' config (:class:`FinetuneHooks`): the searched model checked against the
+    data, the recipe, the initial weights, and the Ray run's ``run_name`` and ``storage``.
+
+    Raises:
+        ParamsError: the searched model is for another task or number of classes.
+        FileNotFoundError: ``init: pretrained`` without a pretrained encoder.
+    """
+    info = read_splits(prepared)
+    task = "seg" if info["kind"] == "seg" else "cls"
+    if entry.model.get("task", "cls") != task:
+        raise ParamsError(
+            f"best.json's model is for task {entry.model.get('task')!r}, data is {task!r}"
+        )
+    encoder = Path(pretrained) / ENCODER_WEIGHTS
+    if p.init == "pretrained" and not encoder.is_file():
+        raise FileNotFoundError(
+            f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
+        )
+    init_hash = _file_hash(encoder) if p.init == "pretrained" else "scratch"
+    name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
+    storage = Path(p.storage).resolve()
+    return {
+        "params": p.model_dump(mode="json"),
+        "seed": seed,
+        "model": model_config(entry, len(info["classes"]), entry.img_size),
+        "task": task,
+        "classes": list(info["classes"]),
+        "num_classes": len(info["classes"]),
+        "img_size": entry.img_size,
+        "lr": p.lr or entry.train.lr,
+        "batch_size": p.batch_size or entry.train.batch_size,
+        "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
+        "prepared": str(Path(prepared).resolve()),
+        "fail_at_epoch": fail_at_epoch,
+        "fail_flag": str(storage / f"{name}.injected-failure"),
+        "run_name": name,
+        "storage": str(storage),
+    }
+
+
+def best_model(result: Any, config: dict[str, Any]) -> tuple[nn.Module, list[dict], LoadReport]:
+    """The model with the best epoch's weights from the run's last checkpoint, the run's
+    history, and the report of its pretrained initialisation."""
+    cfg = config["model"]
+    model = build_model(cfg)
+    init = initialise(model, cfg, config["pretrained"] and Path(config["pretrained"]))
+    with result.checkpoint.as_directory() as d:
+        history = json.loads((Path(d) / HISTORY).read_text())
+        model.load_state_dict(load_file(str(Path(d) / BEST)))
+    return model, history, init
+
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_metric",
+    "val_accuracy",
+    "val_miou",
+    "lr",
+    "images_per_s",
+]
+
+
+def write_reports(
+    reports_dir: Path, p: FinetuneParams, history: list[dict], init: dict, metrics: dict
+) -> None:
+    """``history.csv``, ``init.json`` and ``metrics.json`` under ``reports_dir``."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{c: h[c] for c in HISTORY_COLUMNS} for h in history]
+    write_csv(reports_dir / "history.csv", rows, HISTORY_COLUMNS)
+    write_json(reports_dir / "init.json", {"init": p.init, **init})
+    write_json(reports_dir / "metrics.json", metrics)
+
+
+def stage_metrics(
+    meta: ModelMeta, history: list[dict], init: dict, wall: float, comparison: dict
+) -> dict[str, Any]:
+    """The stage's ``metrics.json``: the chosen epoch, the training figures, how much of the
+    pretrained encoder was loaded, and the comparison with the search's trial."""
+    final = history[-1]
+    return {
+        "metric": meta.metric,
+        "best_score": meta.best_score,
+        "best_epoch": meta.best_epoch,
+        "epochs": int(final["epoch"]),
+        "final_train_loss": float(final["train_loss"]),
+        "first_train_loss": float(history[0]["train_loss"]),
+        "images_per_s": float(final["images_per_s"]),
+        "resumed_from_epoch": int(final["start_epoch"]),
+        "pretrained_matched": len(init["matched"]),
+        "pretrained_missing": len(init["missing"]),
+        "pretrained_unexpected": len(init["unexpected"]),
+        "pretrained_shape_mismatch": len(init["shape_mismatch"]),
+        "budget_gib": meta.budget_gib,
+        "wall_s": wall,
+        **comparison,
+    }
+
+
 def finetune(
     p: FinetuneParams,
     seed: int = 0,
     best_json: Path = BEST_JSON,
     pretrained: Path = PRETRAINED,
     prepared: Path = PREPARED,
-    out_dir: Path = MODELS,
-    reports_dir: Path = REPORTS,
+    out_dir: Path = FINETUNED,
+    reports_dir: Path = FINETUNE_REPORTS,
     model_name: str | None = None,
     fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
@@ -444,107 +502,45 @@ def finetune(
         reports_dir: Where metrics, history and the init report go.
         model_name: Register the model under this name with alias ``champion`` in the
             current MLflow store (``None``: do not register).
-        fail_at_epoch: Fault injection for tests (see :func:`pipelines.pretrain.pretrain`).
+        fail_at_epoch: Fault injection for tests (see
+            :func:`pipelines.stages.pretrain.pretrain`).
     """
     from pipelines.registry import register
 
-    prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
-    budget, entry = load_best(best_json, p.budget_gib)
-    info = json.loads((prepared / "splits.json").read_text())
-    task = "seg" if info["kind"] == "seg" else "cls"
-    if entry["model"].get("task", "cls") != task:
-        raise ParamsError(
-            f"best.json's model is for task {entry['model'].get('task')!r}, data is {task!r}"
-        )
-    classes = list(info["classes"])
-    size = img_size_of(entry)
-    cfg = model_config(entry, len(classes), size)
-    encoder = Path(pretrained) / ENCODER_WEIGHTS
-    if p.init == "pretrained" and not encoder.is_file():
-        raise FileNotFoundError(
-            f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
-        )
-    init_hash = _file_hash(encoder) if p.init == "pretrained" else "scratch"
-    name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
-    storage = Path(p.storage).resolve()
+    best, budget, entry = load_best(best_json, p.budget_gib)
+    config = loop_config(p, seed, entry, pretrained, Path(prepared), fail_at_epoch)
+    name, storage = config["run_name"], Path(config["storage"])
     storage.mkdir(parents=True, exist_ok=True)
-    train_cfg = entry.get("train", {})
-    loop_config = {
-        "params": p.model_dump(mode="json"),
-        "seed": seed,
-        "model": cfg,
-        "task": task,
-        "num_classes": len(classes),
-        "img_size": size,
-        "lr": p.lr or float(train_cfg["lr"]),
-        "batch_size": p.batch_size or int(train_cfg["batch_size"]),
-        "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
-        "prepared": str(prepared.resolve()),
-        "fail_at_epoch": fail_at_epoch,
-        "fail_flag": str(storage / f"{name}.injected-failure"),
-    }
-    result, wall = fit_torch_trainer(train_loop, loop_config, p, name, storage)
+    result, wall = fit_torch_trainer(train_loop, config, p, name, storage)
 
-    model = build_model(cfg)
-    init = initialise(model, cfg, Path(pretrained) if p.init == "pretrained" else None).to_dict()
-    with result.checkpoint.as_directory() as d:
-        history = json.loads((Path(d) / HISTORY).read_text())
-        model.load_state_dict(load_file(str(Path(d) / BEST)))
-    best_file = json.loads(Path(best_json).read_text())
-    comparison = compare_with_search(model, best_file, entry, prepared, task, len(classes), size)
-    metric = METRIC[task]
+    model, history, report = best_model(result, config)
+    task, size = config["task"], config["img_size"]
+    comparison = compare_with_search(
+        model, best, entry, Path(prepared), task, config["num_classes"], size
+    )
     best_row = max(history, key=lambda h: h["val_metric"])
-    meta = {
-        "task": task,
-        "classes": classes,
-        "img_size": size,
-        "metric": metric,
-        "best_score": float(best_row["val_metric"]),
-        "best_epoch": int(best_row["epoch"]),
-        "budget_gib": float(budget),
-        "trial": entry.get("trial"),
-        "run_name": name,
-    }
-    work = staging_dir(out_dir)
-    save_model(model, cfg, work, **meta)
-
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    columns = [
-        "epoch",
-        "train_loss",
-        "val_metric",
-        "val_accuracy",
-        "val_miou",
-        "lr",
-        "images_per_s",
-    ]
-    write_csv(reports_dir / "history.csv", [{c: h[c] for c in columns} for h in history], columns)
-    write_json(reports_dir / "init.json", {"init": p.init, **init})
-    final = history[-1]
-    metrics = {
-        "metric": metric,
-        "best_score": meta["best_score"],
-        "best_epoch": meta["best_epoch"],
-        "epochs": int(final["epoch"]),
-        "final_train_loss": float(final["train_loss"]),
-        "first_train_loss": float(history[0]["train_loss"]),
-        "images_per_s": float(final["images_per_s"]),
-        "resumed_from_epoch": int(final["start_epoch"]),
-        "pretrained_matched": len(init["matched"]),
-        "pretrained_missing": len(init["missing"]),
-        "pretrained_unexpected": len(init["unexpected"]),
-        "pretrained_shape_mismatch": len(init["shape_mismatch"]),
-        "budget_gib": float(budget),
-        "wall_s": wall,
-        **comparison,
-    }
-    write_json(reports_dir / "metrics.json", metrics)
+    meta = ModelMeta(
+        task=task,
+        classes=config["classes"],
+        img_size=size,
+        metric=METRIC[task],
+        best_score=float(best_row["val_metric"]),
+        best_epoch=int(best_row["epoch"]),
+        budget_gib=float(budget),
+        trial=entry.trial,
+        run_name=name,
+    )
+    work = staging_dir(Path(out_dir))
+    save_model(model, config["model"], work, **meta.model_dump(mode="json", exclude={"registered"}))
+    init = report.to_dict()
+    metrics = stage_metrics(meta, history, init, wall, comparison)
+    write_reports(Path(reports_dir), p, history, init, metrics)
     check_against_search(comparison, p.search_tolerance)
     registered = None
     if model_name:  # last, so that a failed stage registers nothing
         registered = {"name": model_name, "version": register(work, model_name)}
         write_json(work / CONFIG, {**read_config(work), "registered": registered})
-    publish_dir(work, out_dir)
+    publish_dir(work, Path(out_dir))
     return {
         "metrics": metrics,
         "history": history,
@@ -561,8 +557,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrained", type=Path, default=PRETRAINED, help="pretrained encoder folder"
     )
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
-    parser.add_argument("--out", type=Path, default=MODELS, help="model folder to write")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument("--out", type=Path, default=FINETUNED, help="model folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=FINETUNE_REPORTS, help="report folder to write"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -604,11 +602,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.reports), artifact_path="finetune")
     print(f"finetune: {json.dumps(out['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -12,9 +12,10 @@ probabilities averaged; Chen et al. 2018, DeepLabv3+ Sec. 4):
   ``sliding_global`` (the same with global-context feedback, for models with
   ``encode_context``: the Segmenter). Classifiers get ``resize`` only.
 
-Images reach the model as the served model's do: :meth:`pipelines.predictor.InputSpec.transform`
-and the ``resize`` mode's :func:`gattn.inference.resize_input` are the serving app's
-preprocessing (floats, the model's ``mean``/``std``, antialiased bilinear resizing).
+Images reach the model as the served model's do:
+:meth:`pipelines.serve.predictor.InputSpec.transform` and the ``resize`` mode's
+:func:`gattn.inference.resize_input` are the serving app's preprocessing (floats, the model's
+``mean``/``std``, antialiased bilinear resizing).
 
 Scores (torchmetrics): accuracy (of pixels for segmentation), mIoU, per-class IoU, the
 confusion matrix; wall time per image (median, after a warm-up); and the
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from gattn.diagnostics import (
     confusion_matrix,
@@ -53,14 +54,15 @@ from gattn.diagnostics.grad_cam import to_nchw
 from gattn.inference import resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
+from gattn.models.io import CONFIG
 from pipelines.config import EvaluateParams, add_params_arguments, load_params
-from pipelines.finetune import MODELS
+from pipelines.contracts import MODEL_FIX, ModelMeta, check
+from pipelines.data import open_split, read_splits, subset
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
-from pipelines.predictor import InputSpec, fixed_input_size
-from pipelines.prepare import PREPARED, open_split
+from pipelines.paths import EVALUATE_REPORTS, FINETUNED, PREPARED
+from pipelines.serve.predictor import InputSpec, fixed_input_size
 
-REPORTS = Path("reports/evaluate")
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -152,17 +154,13 @@ def feature_map(model: nn.Module, task: str) -> Callable[[torch.Tensor], torch.T
     return features
 
 
-def _subset(ds: Dataset, limit: int | None) -> Dataset:
-    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
-
-
 def open_sets(spec: InputSpec, prepared: Path, max_samples: int | None) -> dict[str, Dataset]:
     """The scored sets, samples already model inputs (the serving app's preprocessing):
     ``test`` (its first ``max_samples``) at ``spec.img_size``, and ``large`` at full size
     when the prepared data has large images."""
-    info = json.loads((Path(prepared) / "splits.json").read_text())
+    info = read_splits(prepared)
     test = open_split("test", prepared, spec.transform(resize=True))
-    sets = {"test": _subset(test, max_samples)}
+    sets = {"test": subset(test, max_samples)}
     if info.get("large"):
         sets["large"] = open_split("test", prepared, spec.transform(resize=False), large=True)
     return sets
@@ -172,7 +170,7 @@ def evaluate(
     p: EvaluateParams,
     model_dir: Path | str | None = None,
     prepared: Path = PREPARED,
-    reports_dir: Path = REPORTS,
+    reports_dir: Path = EVALUATE_REPORTS,
 ) -> dict[str, Any]:
     """Run the stage; returns ``{"metrics", "rows", "model"}`` (also written to ``reports_dir``).
 
@@ -186,15 +184,38 @@ def evaluate(
     from pipelines.registry import resolve_model
 
     torch.set_num_threads(p.num_threads)
-    folder = resolve_model(model_dir or p.model or MODELS)
+    folder = resolve_model(model_dir or p.model or FINETUNED)
     model, cfg = load_model(folder)
-    task, classes, size = cfg["task"], list(cfg["classes"]), int(cfg["img_size"])
+    meta = check(ModelMeta, cfg, Path(folder) / CONFIG, MODEL_FIX)
     spec = InputSpec.of(model, cfg, str(folder))
-    k = len(classes)
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     sets = open_sets(spec, prepared, p.max_samples)
+    results = score_all(model, meta, sets, p)
+    images = [sets["test"][i][0] for i in range(min(p.erf_images, len(sets["test"])))]
+    erf = effective_receptive_field(feature_map(model, meta.task), torch.stack(images))
+    heatmap(erf.map.numpy(), reports_dir / "erf.png", title="effective receptive field", log=True)
+    rows = write_tables(results, meta.classes, reports_dir)
+    draw_confusions(results, list(sets), meta.classes, reports_dir)
+    metrics: dict[str, Any] = {
+        key.replace("/", "."): {m: r[m] for m in ("accuracy", "miou", "ms_per_image")}
+        for key, r in results.items()
+    }
+    metrics["erf"] = {f"area_{round(t * 100)}": v for t, v in erf.area_ratios.items()}
+    write_json(reports_dir / "metrics.json", metrics)
+    details = {"model": str(folder), "task": meta.task, "classes": meta.classes}
+    write_json(
+        reports_dir / "details.json", {**details, "img_size": meta.img_size, "results": results}
+    )
+    return {"metrics": metrics, "rows": rows, "model": str(folder)}
 
+
+def score_all(
+    model: nn.Module, meta: ModelMeta, sets: dict[str, Dataset], p: EvaluateParams
+) -> dict[str, dict[str, Any]]:
+    """``{"<set>/<mode>[_tta]": scores}`` of every inference mode that applies to each set,
+    with and without TTA (test images ``p.batch_size`` at a time, large images one by one)."""
+    task, size, k = meta.task, meta.img_size, len(meta.classes)
     results: dict[str, dict[str, Any]] = {}
     for set_name, dataset in sets.items():
         for mode, run in runners(model, task, size, p, set_name == "large").items():
@@ -208,13 +229,13 @@ def evaluate(
                     f"accuracy={results[key]['accuracy']:.4f}",
                     flush=True,
                 )
+    return results
 
-    test_images = torch.stack(
-        [sets["test"][i][0] for i in range(min(p.erf_images, len(sets["test"])))]
-    )
-    erf = effective_receptive_field(feature_map(model, task), test_images)
-    heatmap(erf.map.numpy(), reports_dir / "erf.png", title="effective receptive field", log=True)
 
+def write_tables(
+    results: dict[str, dict[str, Any]], classes: list[str], reports_dir: Path
+) -> list[dict[str, Any]]:
+    """``results.csv`` (one row per set and mode, returned) and ``per_class_iou.csv``."""
     rows = [
         {
             "set_mode": key,
@@ -236,33 +257,24 @@ def evaluate(
         ],
         ["label", "set_mode", "class", "iou"],
     )
-    for set_name in sets:
+    return rows
+
+
+def draw_confusions(
+    results: dict[str, dict[str, Any]], set_names: list[str], classes: list[str], out: Path
+) -> None:
+    """``confusion_<set>.png`` of each set's most global mode without TTA (and a note in
+    place of ``confusion_large.png`` when there are no large images: DVC declares it)."""
+    for set_name in set_names:
         key = _main_mode(results, set_name)
         confusion_matrix(
             results[key]["confusion"],
             classes,
-            reports_dir / f"confusion_{set_name}.png",
+            out / f"confusion_{set_name}.png",
             title=f"{set_name}: {key.split('/')[1]}",
         )
-    if "large" not in sets:  # the stage's declared plot exists either way
-        _note(reports_dir / "confusion_large.png", "no large images (data.large.num_samples: 0)")
-    metrics: dict[str, Any] = {
-        key.replace("/", "."): {m: r[m] for m in ("accuracy", "miou", "ms_per_image")}
-        for key, r in results.items()
-    }
-    metrics["erf"] = {f"area_{round(t * 100)}": v for t, v in erf.area_ratios.items()}
-    write_json(reports_dir / "metrics.json", metrics)
-    write_json(
-        reports_dir / "details.json",
-        {
-            "model": str(folder),
-            "task": task,
-            "classes": classes,
-            "img_size": size,
-            "results": results,
-        },
-    )
-    return {"metrics": metrics, "rows": rows, "model": str(folder)}
+    if "large" not in set_names:
+        _note(out / "confusion_large.png", "no large images (data.large.num_samples: 0)")
 
 
 def _note(path: Path, text: str) -> None:
@@ -288,10 +300,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"model folder or models:/NAME@ALIAS (default: evaluate.model, else {MODELS})",
+        help=f"model folder or models:/NAME@ALIAS (default: evaluate.model, else {FINETUNED})",
     )
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=EVALUATE_REPORTS, help="report folder to write"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,11 +324,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.reports), artifact_path="evaluate")
     print(f"evaluate: {json.dumps(out['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["evaluate", *sys.argv[1:]]))

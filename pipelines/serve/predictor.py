@@ -1,6 +1,6 @@
 """A model folder behind an HTTP API: preprocessing, batched prediction and explanations.
 
-The serving app (:mod:`pipelines.serve`) hands a :class:`Predictor` the requests of one
+The serving app (:mod:`pipelines.serve.app`) hands a :class:`Predictor` the requests of one
 dynamic batch; it groups them by image size and options and runs each group as one forward
 pass, so a batch of same-sized requests costs one call of the model.
 

@@ -33,8 +33,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +40,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from gattn.data.views import MultiCropViews, mae_view, to_float
 from gattn.models.build import build_model
 from gattn.models.pretrained import ENCODER_WEIGHTS
-from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure, warmup_cosine
+from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure
 from gattn.ssl.curves import curves_figure, dino_collapse_references
 from gattn.ssl.dino import momentum_schedule
 from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
+from pipelines.data import data_fingerprint, open_split, read_splits, subset
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.prepare import PREPARED, open_split
-from pipelines.ray_utils import begin_epoch, fit_torch_trainer, mean_over_workers, worker_loader
+from pipelines.paths import PREPARED, PRETRAIN_REPORTS, PRETRAINED
+from pipelines.train.loop import HISTORY, WEIGHTS, Hooks, means, train, unwrap
+from pipelines.train.trainer import fit_torch_trainer, mean_over_workers
 
-MODELS = Path("models/pretrained")
-REPORTS = Path("reports/pretrain")
-WEIGHTS, STATE, ENCODER = "model.safetensors", "state.pt", ENCODER_WEIGHTS
-HISTORY = "history.json"  # {"epochs": [...], "steps": [...]} so far, carried across resumes
+ENCODER = ENCODER_WEIGHTS
 CHECKPOINT_FORMAT = 2  # part of the run name: a new checkpoint layout never resumes an old one
 NOT_TRAINING = {"probe", "log_every_n_steps"}  # params that leave the run name alone
 STEP_STATS = ("teacher_entropy", "teacher_kl_to_mean")  # DINO's per-step collapse diagnostics
@@ -81,17 +78,6 @@ class ImageOnly:
             return out
         mask = torch.as_tensor(target[0])
         return out, image_labels(mask[None])[0]
-
-
-def data_fingerprint(prepared: Path) -> str:
-    """A hash of the prepared data's description: its splits and, if generated, its manifest."""
-    prepared = Path(prepared)
-    digest = hashlib.sha256((prepared / "splits.json").read_bytes())
-    root = Path(json.loads((prepared / "splits.json").read_text())["root"])
-    manifest = (root if root.is_absolute() else prepared / root) / "manifest.json"
-    if manifest.is_file():
-        digest.update(manifest.read_bytes())
-    return digest.hexdigest()
 
 
 def run_name(p: PretrainParams, seed: int, data: str = "") -> str:
@@ -156,148 +142,86 @@ def train_view(p: PretrainParams) -> ImageOnly:
 
 
 def train_split(p: PretrainParams, prepared: Path, transform: Any) -> Dataset:
-    ds = open_split("train", prepared, transform)
-    return Subset(ds, range(min(len(ds), p.max_samples))) if p.max_samples else ds
+    return subset(open_split("train", prepared, transform), p.max_samples)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+class PretrainHooks(Hooks):
+    """The pretrain stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
+    the objective (MAE or DINO) on the training split's views; for DINO, the loss's teacher
+    centre and temperature schedule and the teacher's EMA after every step; per-step figures
+    every ``log_every_n_steps`` steps; the encoder's weights in every checkpoint."""
 
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.p = p = PretrainParams.model_validate(config["params"])
+        self.peak_lr, self.min_lr_ratio = p.lr, p.min_lr / p.lr
+        self.warmup_epochs, self.epochs, self.grad_clip = p.warmup_epochs, p.epochs, p.grad_clip
+        self.stat_names = STEP_STATS if p.method == "dino" else ()
+        self.history = {"epochs": [], "steps": []}
+        self.dino_loss: DINOLoss | None = None
 
-def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+    def build(self) -> tuple[nn.Module, Dataset, int]:
+        p = self.p
+        model = build_objective(p, self.config["model"])
+        if p.method == "dino":
+            d = p.dino
+            self.dino_loss = DINOLoss(
+                d.out_dim,
+                2 + d.n_local,
+                d.warmup_teacher_temp,
+                d.teacher_temp,
+                d.warmup_teacher_temp_epochs,
+                p.epochs,
+            )
+        dataset = train_split(p, Path(self.config["prepared"]), train_view(p))
+        return model, dataset, p.batch_size
 
+    def resume(self, folder: Path, state: dict[str, Any]) -> None:
+        if self.dino_loss is not None:
+            self.dino_loss.load_state_dict(state["loss"])
 
-def _means(sums: torch.Tensor, dino: bool) -> dict[str, float]:
-    """Per-image means of summed ``(loss, teacher_entropy, teacher_kl_to_mean, images)``."""
-    count = float(sums[3]) or 1.0
-    out = {"loss": float(sums[0]) / count}
-    if dino:
-        out.update({k: float(v) / count for k, v in zip(STEP_STATS, sums[1:3], strict=True)})
-    return out
+    def on_device(self) -> None:
+        if self.dino_loss is not None:
+            self.dino_loss.to(self.device)
+        self.momentum = momentum_schedule(self.p.dino.momentum, 1.0, self.total_steps)
+        self.window = torch.zeros(len(self.stat_names) + 2, dtype=torch.float64)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        trained = [q for q in model.parameters() if q.requires_grad]
+        return [{"params": trained, "weight_decay": self.p.weight_decay}]
+
+    def loss(
+        self, model: nn.Module, batch: Any, epoch: int, i: int
+    ) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+        views, _ = batch
+        if self.dino_loss is None:
+            return model(views)[0], views.shape[0], []
+        student, teacher = model(*views)
+        loss, stats = self.dino_loss(student, teacher, epoch + i / self.steps_per_epoch)
+        return loss, views[0][0].shape[0], [stats[k] for k in STEP_STATS]
+
+    def after_step(self, model: nn.Module, step: int, lr: float, figures: torch.Tensor) -> None:
+        if self.dino_loss is not None:
+            unwrap(model).update_teacher(float(self.momentum[min(step, self.total_steps - 1)]))
+        self.window += figures
+        if (step + 1) % self.p.log_every_n_steps == 0 or step + 1 == self.total_steps:
+            mean = means(mean_over_workers(self.window, self.device), self)  # on every worker
+            self.history["steps"].append({"step": step + 1, **mean, "lr": lr})
+            self.window.zero_()
+
+    def end_epoch(self, model: nn.Module, row: dict[str, Any]) -> None:
+        self.history["epochs"].append(row)
+
+    def save(self, model: nn.Module, folder: Path) -> dict[str, Any]:
+        encoder = {k: v.detach().contiguous().cpu() for k, v in model.encoder_state_dict().items()}
+        save_file(encoder, str(folder / ENCODER))
+        return {"loss": self.dino_loss.state_dict() if self.dino_loss is not None else {}}
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build, resume, train ``epochs`` epochs, checkpoint each."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    p = PretrainParams.model_validate(config["params"])
-    torch.set_num_threads(max(1, p.cpus_per_worker))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"])
-    model = build_objective(p, config["model"])
-    dino_loss = (
-        DINOLoss(
-            p.dino.out_dim,
-            2 + p.dino.n_local,
-            p.dino.warmup_teacher_temp,
-            p.dino.teacher_temp,
-            p.dino.warmup_teacher_temp_epochs,
-            p.epochs,
-        )
-        if p.method == "dino"
-        else None
-    )
-    dataset = train_split(p, Path(config["prepared"]), train_view(p))
-    loader, steps_per_epoch = worker_loader(dataset, p.batch_size, world)
-    total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
-    momentum = momentum_schedule(p.dino.momentum, 1.0, total)
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] | None = None
-    history: dict[str, list[dict[str, Any]]] = {"epochs": [], "steps": []}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
-            state = torch.load(Path(d) / STATE, weights_only=True)
-            history = json.loads((Path(d) / HISTORY).read_text())
-        start_epoch = state["epoch"]
-        if dino_loss is not None:
-            dino_loss.load_state_dict(state["loss"])
-
-    model = ray.train.torch.prepare_model(model)
-    loader = ray.train.torch.prepare_data_loader(loader)
-    device = ray.train.torch.get_device()
-    if dino_loss is not None:
-        dino_loss.to(device)
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, total, 1.0, p.min_lr / p.lr, warmup)
-    )
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    use_amp = device.type == "cuda"
-    dino = dino_loss is not None
-    window = torch.zeros(4, dtype=torch.float64)  # sums since the last logged step
-
-    for epoch in range(start_epoch, p.epochs):
-        begin_epoch(config, epoch, rank, loader)
-        model.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, entropy, kl (all * images), images
-        t0 = time.perf_counter()
-        for i, (views, _) in enumerate(loader):
-            step = epoch * steps_per_epoch + i
-            lr = scheduler.get_last_lr()[0]
-            batch = torch.zeros(4, dtype=torch.float64)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if dino_loss is None:
-                    loss = model(views)[0]
-                    batch[3] = views.shape[0]
-                else:
-                    student, teacher = model(*views)
-                    loss, stats = dino_loss(student, teacher, epoch + i / steps_per_epoch)
-                    batch[3] = views[0][0].shape[0]
-                    batch[1:3] = torch.stack([stats[k].float().cpu() for k in STEP_STATS])
-                    batch[1:3] *= batch[3]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if dino_loss is not None:
-                _unwrap(model).update_teacher(float(momentum[min(step, total - 1)]))
-            batch[0] = float(loss.detach()) * batch[3]
-            sums += batch
-            window += batch
-            if (step + 1) % p.log_every_n_steps == 0 or step + 1 == total:  # on every worker
-                mean = _means(mean_over_workers(window, device), dino)
-                history["steps"].append({"step": step + 1, **mean, "lr": lr})
-                window.zero_()
-        seconds = time.perf_counter() - t0
-        images = float(sums[3]) * world
-        metrics = {
-            "epoch": epoch + 1,
-            "start_epoch": start_epoch,
-            **_means(mean_over_workers(sums, device), dino),
-            "images_per_s": images / max(seconds, 1e-9),
-            "lr": scheduler.get_last_lr()[0],
-        }
-        history["epochs"].append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                inner = _unwrap(model)
-                _save_weights(inner.state_dict(), Path(tmp) / WEIGHTS)
-                _save_weights(inner.encoder_state_dict(), Path(tmp) / ENCODER)
-                torch.save(
-                    {
-                        "epoch": epoch + 1,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "loss": dino_loss.state_dict() if dino_loss is not None else {},
-                    },
-                    Path(tmp) / STATE,
-                )
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+    """One Ray Train worker of the stage (:class:`PretrainHooks` in the shared loop)."""
+    hooks = PretrainHooks(config)
+    train(hooks, hooks.p.cpus_per_worker)
 
 
 def _reconstruction(
@@ -351,10 +275,9 @@ def probe(
         differences ``probe_{knn,linear}_gain``, and the image counts.
     """
     q = p.probe
-    info = json.loads((Path(prepared) / "splits.json").read_text())
+    info = read_splits(prepared)
     train = open_split("train", prepared, probe_view(p.img_size))
-    if q.max_train:
-        train = Subset(train, range(min(len(train), q.max_train)))
+    train = subset(train, q.max_train)
     query = open_split(q.split, prepared, probe_view(p.img_size))
     torch.manual_seed(seed)
     initial = build_objective(p, cfg).encoder_state_dict()
@@ -379,8 +302,8 @@ def pretrain(
     p: PretrainParams,
     seed: int = 0,
     prepared: Path = PREPARED,
-    out_dir: Path = MODELS,
-    reports_dir: Path = REPORTS,
+    out_dir: Path = PRETRAINED,
+    reports_dir: Path = PRETRAIN_REPORTS,
     fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Run the stage; returns ``{"metrics", "history", "steps", "run_name", "storage"}``
@@ -450,7 +373,7 @@ def pretrain(
     }
 
 
-def load_encoder(out_dir: Path = MODELS) -> nn.Module:
+def load_encoder(out_dir: Path = PRETRAINED) -> nn.Module:
     """Rebuild the pretrained encoder from ``config.json`` and load its safetensors."""
     out_dir = Path(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())["model"]
@@ -462,8 +385,10 @@ def load_encoder(out_dir: Path = MODELS) -> nn.Module:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(parser)
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
-    parser.add_argument("--out", type=Path, default=MODELS, help="encoder folder to write")
-    parser.add_argument("--reports", type=Path, default=REPORTS, help="report folder to write")
+    parser.add_argument("--out", type=Path, default=PRETRAINED, help="encoder folder to write")
+    parser.add_argument(
+        "--reports", type=Path, default=PRETRAIN_REPORTS, help="report folder to write"
+    )
 
 
 def log_series(rows: list[dict[str, Any]], step_key: str, prefix: str) -> None:
@@ -497,11 +422,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifacts(str(args.out), artifact_path="encoder")
     print(f"pretrain: {json.dumps(out['metrics'])}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["pretrain", *sys.argv[1:]]))

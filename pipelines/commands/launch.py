@@ -308,9 +308,3 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(f"launch: {job_id} {status}", flush=True)
     return exit_code(status)
-
-
-if __name__ == "__main__":
-    from pipelines.cli import main
-
-    sys.exit(main(["launch", *sys.argv[1:]]))

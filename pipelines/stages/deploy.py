@@ -3,7 +3,7 @@
 Reads ``serve`` (and ``tracking``) from params.yaml and ``models/finetuned/config.json``;
 writes ``models/deploy/serve_config.yaml`` in the format of ``serve build`` (a
 ``ServeDeploySchema``: ``http_options``, one application whose ``import_path`` is the app
-builder :func:`pipelines.serve.build_app`, its ``args``, and the replicas and resources of its
+builder :func:`pipelines.serve.app.build_app`, its ``args``, and the replicas and resources of its
 two deployments, the HTTP ingress and the model). Run it with ``gattn serve`` locally,
 ``serve deploy`` on a cluster, or put it in a KubeRay ``RayService``.
 
@@ -25,11 +25,18 @@ from urllib.parse import urlsplit
 import yaml
 
 from pipelines.config import ParamsError, ServeParams, add_params_arguments, load_params
+from pipelines.contracts import (
+    APP_FIELDS,
+    BUILDER,
+    DEPLOYMENT,
+    INGRESS,
+    MODEL_FIX,
+    MODEL_MAX_ONGOING,
+    ModelMeta,
+    check,
+)
 from pipelines.io import write_text
-
-FINETUNED = Path("models/finetuned")
-OUT = Path("models/deploy")
-CONFIG_NAME = "serve_config.yaml"
+from pipelines.paths import DEPLOYED, FINETUNED, SERVE_CONFIG
 
 
 def model_uri(p: ServeParams, finetuned: Path = FINETUNED) -> str:
@@ -38,17 +45,18 @@ def model_uri(p: ServeParams, finetuned: Path = FINETUNED) -> str:
     Raises:
         ParamsError: nothing to serve (no ``serve.model`` and no finetuned model folder).
     """
-    from gattn.models import read_config
+    from gattn.models.io import CONFIG, read_config
 
     if p.model:
         return p.model if p.model.startswith("models:/") else str(Path(p.model).resolve())
+    finetuned = Path(finetuned)
     try:
         cfg = read_config(finetuned)
     except FileNotFoundError as err:
         raise ParamsError(f"{err}; run `gattn finetune` or set serve.model") from None
-    registered = cfg.get("registered")
+    registered = check(ModelMeta, cfg, finetuned / CONFIG, MODEL_FIX).registered
     if registered:
-        return f"models:/{registered['name']}/{registered['version']}"
+        return f"models:/{registered.name}/{registered.version}"
     print(f"deploy: {finetuned} was not registered; serving the folder by its path")
     return str(Path(finetuned).resolve())
 
@@ -67,8 +75,6 @@ def registry_store(uri: str) -> str | None:
 
 def serve_config(p: ServeParams, model: str, store: str | None = None) -> dict[str, Any]:
     """The ``ServeDeploySchema`` dict (``serve build`` format) serving ``model``."""
-    from pipelines.serve import APP_FIELDS, BUILDER, DEPLOYMENT, INGRESS, MODEL_MAX_ONGOING
-
     args: dict[str, Any] = {"model": model, **p.model_dump(mode="json", include=set(APP_FIELDS))}
     args["concurrent_batches"] = p.batches_in_flight
     if store:
@@ -108,8 +114,8 @@ def smoke_test(model: str, store: str | None, p: ServeParams) -> dict[str, Any]:
     """Load the model as a replica would and predict one blank image; returns its info."""
     import torch
 
-    from pipelines.predictor import Job, Options, Predictor
     from pipelines.registry import resolve_model
+    from pipelines.serve.predictor import Job, Options, Predictor
 
     predictor = Predictor(resolve_model(model, store=store), p.overlap, p.tta_scales)
     blank = torch.zeros(predictor.spec.in_chans, *predictor.spec.img_size)
@@ -119,7 +125,7 @@ def smoke_test(model: str, store: str | None, p: ServeParams) -> dict[str, Any]:
     return predictor.spec.info()
 
 
-def deploy(p: ServeParams, finetuned: Path = FINETUNED, out_dir: Path = OUT) -> dict[str, Any]:
+def deploy(p: ServeParams, finetuned: Path = FINETUNED, out_dir: Path = DEPLOYED) -> dict[str, Any]:
     """Write ``out_dir/serve_config.yaml`` for the model to serve; returns a summary.
 
     Raises:
@@ -136,7 +142,7 @@ def deploy(p: ServeParams, finetuned: Path = FINETUNED, out_dir: Path = OUT) -> 
     except ValidationError as err:
         raise ParamsError(f"serve config does not validate: {err}") from None
     info = smoke_test(uri, store, p)
-    path = Path(out_dir) / CONFIG_NAME
+    path = Path(out_dir) / SERVE_CONFIG.name
     header = "# Ray Serve config written by `gattn deploy` (serve build format). Run: gattn serve\n"
     write_text(path, header + yaml.safe_dump(config, sort_keys=False))
     return {"config": str(path), "model": uri, **info}
@@ -145,7 +151,7 @@ def deploy(p: ServeParams, finetuned: Path = FINETUNED, out_dir: Path = OUT) -> 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(parser)
     parser.add_argument("--model-dir", type=Path, default=FINETUNED, help="finetuned model")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of serve_config.yaml")
+    parser.add_argument("--out", type=Path, default=DEPLOYED, help="folder of serve_config.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,11 +168,3 @@ def run(args: argparse.Namespace) -> int:
         mlflow.log_artifact(summary["config"], artifact_path="deploy")
     print(f"deploy: {json.dumps(summary)}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["deploy", *sys.argv[1:]]))

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from gattn.budget.recommend import Recommendation, recommend
-from pipelines.tune import MODELS, REPORTS
-
-PARETO = REPORTS / "pareto.json"
-BEST = MODELS / "best.json"
+from pipelines.contracts import BEST_FIX, BestFile, read_file
+from pipelines.paths import BEST_JSON, PARETO_JSON
 
 
 def load_measured(pareto: Path, best: Path) -> tuple[list[dict[str, Any]], str | None]:
@@ -36,12 +34,12 @@ def load_measured(pareto: Path, best: Path) -> tuple[list[dict[str, Any]], str |
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{pareto}: not a tune Pareto file ({err}); rerun `gattn tune`") from None
     if task is None and Path(best).is_file():
-        task = json.loads(Path(best).read_text()).get("task")
+        task = read_file(BestFile, best, BEST_FIX).task
     return points, task
 
 
 def answer(
-    task: str, memory_gib: float, pareto: Path = PARETO, best: Path = BEST
+    task: str, memory_gib: float, pareto: Path = PARETO_JSON, best: Path = BEST_JSON
 ) -> Recommendation:
     """The recommendation for ``task`` under ``memory_gib`` from the files (or the table)."""
     points, measured_task = load_measured(pareto, best)
@@ -53,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory", type=float, required=True, help="training memory available, GiB"
     )
-    parser.add_argument("--pareto", type=Path, default=PARETO, help="tune stage Pareto file")
-    parser.add_argument("--best", type=Path, default=BEST, help="tune stage best.json")
+    parser.add_argument("--pareto", type=Path, default=PARETO_JSON, help="tune stage Pareto file")
+    parser.add_argument("--best", type=Path, default=BEST_JSON, help="tune stage best.json")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
 
 
@@ -70,11 +68,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(rec.describe())
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipelines.cli import main
-
-    sys.exit(main(["recommend", *sys.argv[1:]]))

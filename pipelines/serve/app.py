@@ -24,8 +24,8 @@ together, up to ``max_batch_size`` requests or after ``batch_wait_timeout_s``, w
 travels) (adaptive batching as in
 Clipper, Crankshaw et al. 2017, "Clipper: A Low-Latency Online Prediction Serving System",
 NSDI); same-sized requests of a batch are one forward pass
-(:meth:`pipelines.predictor.Predictor.run`), and each response says how many requests its
-batch held (``batch_size``). Bad input is a 4xx JSON error (:mod:`pipelines.serve_io`);
+(:meth:`pipelines.serve.predictor.Predictor.run`), and each response says how many requests its
+batch held (``batch_size``). Bad input is a 4xx JSON error (:mod:`pipelines.serve.http_io`);
 optional bearer-token auth reads the token from the environment variable named by
 ``auth_token_env`` in the ingress replicas' environment.
 
@@ -36,29 +36,23 @@ The model is a registry URI (``models:/NAME@champion``) or a model folder, resol
 """
 
 # No `from __future__ import annotations`: Serve and FastAPI read the endpoints' annotations.
-import argparse
 import asyncio
 import hmac
-import math
 import os
 import re
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel
 from ray import serve
 
-from pipelines.config import ParamsError, Section, ServeParams
-from pipelines.predictor import InputSpec, Job, Options, Predictor
-from pipelines.serve_io import (
+from pipelines.contracts import DEPLOYMENT, INGRESS, MODEL_MAX_ONGOING, AppArgs
+from pipelines.serve.http_io import (
     FORMATS,
     UPLOAD_FIELD,
     InputError,
@@ -68,37 +62,9 @@ from pipelines.serve_io import (
     mask_png,
     read_body,
 )
+from pipelines.serve.predictor import InputSpec, Job, Options, Predictor
 
-CONFIG = Path("models/deploy/serve_config.yaml")
-INGRESS = "GattnIngress"  # HTTP, input checks, decoding, dynamic batching
-DEPLOYMENT = "GattnModel"  # the model replicas: serve.num_replicas x (num_cpus, num_gpus)
-MODEL_MAX_ONGOING = 8  # batches queued per model replica
-BUILDER = "pipelines.serve:build_app"  # import path of the app builder (serve build format)
-APP_FIELDS = (  # ServeParams fields that are app args (the rest: deployment options)
-    "max_batch_size",
-    "batch_wait_timeout_s",
-    "concurrent_batches",
-    "max_body_bytes",
-    "max_pixels",
-    "top_k",
-    "overlap",
-    "tta_scales",
-    "auth_token_env",
-)
 _ALIAS = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
-
-# The app's arguments (``args`` of the serve config): the model, where the registry lives, and
-# the request-level settings of ServeParams (same names, defaults and checks).
-AppArgs: type[Section] = create_model(  # type: ignore[call-overload]
-    "AppArgs",
-    __base__=Section,
-    model=(str, ...),
-    tracking_uri=(str | None, None),
-    **{
-        k: (ServeParams.model_fields[k].annotation, ServeParams.model_fields[k]) for k in APP_FIELDS
-    },
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Response schemas (for /docs and clients).
@@ -262,7 +228,7 @@ def read_token(env_name: str | None) -> str | None:
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MODEL_MAX_ONGOING)
 class GattnModel:
-    """A model replica: a :class:`~pipelines.predictor.Predictor` running whole batches.
+    """A model replica: a :class:`~pipelines.serve.predictor.Predictor` running whole batches.
 
     Only :class:`GattnIngress` calls it, once per dynamic batch, so the model's process spends
     its time in forward passes, not in HTTP parsing and image decoding (which would compete
@@ -438,11 +404,18 @@ class GattnIngress:
         }
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
+def build_app(
+    args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None
+) -> serve.Application:
     """The app builder named by the serve config's ``import_path``.
 
     Args:
-        args: :data:`AppArgs`: ``model`` (a ``models:/`` URI or a folder) and the settings.
+        args: :data:`~pipelines.contracts.AppArgs`: ``model`` (a ``models:/`` URI or a
+            folder) and the settings.
+        deployments: Options of each deployment by name (``num_replicas``,
+            ``ray_actor_options``, ...): the serve config's ``deployments``, which Serve
+            applies itself when it deploys a config (``serve deploy``, KubeRay) and
+            ``gattn serve`` hands over here.
 
     Raises:
         ValueError: invalid args (named, as in params.yaml errors).
@@ -454,117 +427,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     except ValidationError as err:
         raise ValueError(f"serve app args: {err}") from None
     app_args = checked.model_dump(mode="json")
-    return GattnIngress.bind(GattnModel.bind(app_args), app_args)
-
-
-# --------------------------------------------------------------------------------------------
-# Running a serve config (gattn serve; the tests use deploy_config directly).
-
-
-def load_config(path: Path) -> Any:
-    """Read and validate a serve config (``ServeDeploySchema``).
-
-    Raises:
-        ParamsError: the file is missing or does not validate.
-    """
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
-    if not Path(path).is_file():
-        raise ParamsError(f"{path}: not found; run `gattn deploy` first (or pass --config)")
-    try:
-        return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
-    except (ValidationError, yaml.YAMLError) as err:
-        raise ParamsError(f"{path}: not a valid Serve config: {err}") from None
-
-
-def deploy_config(config: Any, timeout_s: float = 300.0) -> None:
-    """Deploy a ``ServeDeploySchema`` on the connected Ray (starting Serve with its
-    ``http_options`` if needed, as ``serve run CONFIG`` does) and wait until it runs.
-
-    Raises:
-        RuntimeError: an application failed to deploy (with Serve's message) or did not
-            come up within ``timeout_s``.
-    """
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ApplicationStatus
-
-    client = serve_api.serve_start(
-        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
-    )
-    client.deploy_apps(config)
-    names = {app.name for app in config.applications}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        apps = {n: a for n, a in serve.status().applications.items() if n in names}
-        failed = {
-            n: a.message
-            for n, a in apps.items()
-            if a.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
-        }
-        if failed:
-            raise RuntimeError(f"serve app(s) failed to deploy: {failed}")
-        if len(apps) == len(names) and all(
-            a.status == ApplicationStatus.RUNNING for a in apps.values()
-        ):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"serve app(s) not running after {timeout_s:.0f} s: {apps}")
-        time.sleep(0.5)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, default=CONFIG, help="serve config from `gattn deploy`"
-    )
-    parser.add_argument(
-        "--high-throughput",
-        action="store_true",
-        help="Ray Serve's high-throughput mode: HAProxy ingress instead of the Python proxy "
-        "(about 2.5x the requests/s on 2 cores); the replicas' own HTTP ports (30000-31000) "
-        "then bind on all interfaces",
-    )
-
-
-def cpus_needed(config: Any) -> int:
-    """Logical CPUs the config's replicas reserve (so a local Ray declares at least these)."""
-    total = 0.0
-    for app in config.applications:
-        for d in app.deployments:
-            cpus = getattr(d.ray_actor_options, "num_cpus", None)
-            replicas = d.num_replicas if isinstance(d.num_replicas, int) else 1
-            total += replicas * (cpus if isinstance(cpus, int | float) else 1.0)
-    return math.ceil(total)
-
-
-def run(args: argparse.Namespace) -> int:
-    from pipelines.ray_utils import SERVE_HIGH_THROUGHPUT_ENV, local_ray
-
-    config = load_config(args.config)
-    if args.high_throughput:
-        if os.environ.get("RAY_ADDRESS"):
-            note = f"set {SERVE_HIGH_THROUGHPUT_ENV} on the cluster's nodes instead"
-            print(
-                f"gattn serve: --high-throughput starts a local Ray only; {note}", file=sys.stderr
-            )
-        os.environ.update(SERVE_HIGH_THROUGHPUT_ENV)  # inherited by the Ray processes
-    with local_ray(num_cpus=cpus_needed(config)):
-        try:
-            try:
-                deploy_config(config)
-            except RuntimeError as err:
-                print(f"gattn serve: error: {err}", file=sys.stderr)
-                return 1
-            http = config.http_options
-            for app in config.applications:
-                print(
-                    f"serve: {app.name} at http://{http.host}:{http.port}{app.route_prefix} "
-                    f"(docs: {app.route_prefix.rstrip('/')}/docs); Ctrl-C stops"
-                )
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("serve: shutting down")
-        finally:
-            serve.shutdown()
-    return 0
+    options = deployments or {}
+    model = GattnModel.options(**options.get(DEPLOYMENT, {})).bind(app_args)
+    return GattnIngress.options(**options.get(INGRESS, {})).bind(model, app_args)

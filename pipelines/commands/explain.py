@@ -3,7 +3,7 @@
 Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers") for
 transformers with a patch grid, Grad-CAM (Selvaraju et al. 2017) on the backbone's last
 feature map otherwise, or the one asked for with ``--method``. The map is computed at the
-model's input size (as :class:`pipelines.predictor.Predictor` serves it) and drawn over the
+model's input size (as :class:`pipelines.serve.predictor.Predictor` serves it) and drawn over the
 original image beside it; for a segmenter the target class defaults to its largest predicted
 foreground class, for a classifier to its prediction.
 
@@ -22,15 +22,14 @@ import numpy as np
 
 from gattn.data.images import open_image
 from gattn.diagnostics import overlay_heatmap
-from pipelines.finetune import MODELS
+from pipelines.paths import EXPLAIN_REPORTS, FINETUNED
 
-REPORTS = Path("reports/explain")
 METHODS = {"auto": "auto", "rollout": "rollout", "gradcam": "grad_cam"}
 
 
 def explain(
     image_path: Path,
-    model: str | Path = MODELS,
+    model: str | Path = FINETUNED,
     method: str = "auto",
     target: int | None = None,
     out: Path | None = None,
@@ -48,8 +47,8 @@ def explain(
         FileNotFoundError: the image or the model is missing.
         ValueError: an unknown method, a method the model does not support, a bad target.
     """
-    from pipelines.predictor import Predictor
     from pipelines.registry import resolve_model
+    from pipelines.serve.predictor import Predictor
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, not {method!r}")
@@ -63,7 +62,7 @@ def explain(
     used, heat, target = predictor.explain(
         predictor.spec.preprocess(picture), METHODS[method], target
     )
-    out = Path(out) if out else REPORTS / f"{image_path.stem}_{used}.png"
+    out = Path(out) if out else EXPLAIN_REPORTS / f"{image_path.stem}_{used}.png"
     name = predictor.spec.classes[target]
     overlay_heatmap(
         np.asarray(picture),
@@ -78,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", type=Path, help="image to explain")
     parser.add_argument(
         "--model",
-        default=str(MODELS),
+        default=str(FINETUNED),
         help="model folder or registry URI, e.g. models:/gattn-model@champion "
         "(default: %(default)s)",
     )
@@ -87,7 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--target", type=int, default=None, help="class id to explain")
     parser.add_argument(
-        "--out", type=Path, default=None, help=f"PNG to write (default: {REPORTS}/STEM_METHOD.png)"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"PNG to write (default: {EXPLAIN_REPORTS}/STEM_METHOD.png)",
     )
 
 
@@ -99,9 +101,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(out))
     return 0
-
-
-if __name__ == "__main__":
-    from pipelines.cli import main
-
-    sys.exit(main(["explain", *sys.argv[1:]]))

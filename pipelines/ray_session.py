@@ -1,0 +1,52 @@
+"""Ray for a command: a local instance bound to loopback, or the cluster we run on.
+
+Every command that needs Ray (the training stages, the search, ``gattn serve``) enters
+:func:`local_ray`, so Ray is started one way everywhere: on 127.0.0.1 without a dashboard,
+with the logical CPUs the command reserves, and shut down after, unless it was already up or
+``$RAY_ADDRESS`` names a cluster to join.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[None]:
+    """Run the block with Ray up: a local Ray (127.0.0.1, no dashboard) unless one is up or
+    ``RAY_ADDRESS`` names a cluster (then connect to it). Shuts down only what it started.
+
+    Args:
+        num_cpus: Logical CPUs to declare (may exceed the cores when a Tune driver must sit
+            beside its workers); default: the machine's cores.
+        use_gpu: Let Ray see GPUs; otherwise declare none, so nothing waits for one.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started and os.environ.get("RAY_ADDRESS"):
+        ray.init(configure_logging=False)
+    elif started:
+        for attempt in range(3):  # a busy machine can keep the raylet past Ray's 30 s start
+            try:
+                ray.init(
+                    address="local",
+                    num_cpus=max(os.cpu_count() or 1, num_cpus or 0),
+                    num_gpus=None if use_gpu else 0,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    configure_logging=False,
+                )
+                break
+            except Exception as err:
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    raise
+                ray.shutdown()
+                print(f"ray: local node slow to start on a busy machine, retrying ({err})")
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,181 @@
+"""``gattn tune``: the stage that runs the search (see :mod:`pipelines.stages.tune`).
+
+Loads what every trial shares once (:func:`data_context`: the data as tensors, the
+pretrained encoder), runs the Ray Tune sweep (:func:`sweep`: Optuna TPE + ASHA, one function
+trainable per trial, ``cpus_per_trial`` CPUs each, ``max_concurrent`` at once) and writes the
+outputs (:func:`pipelines.stages.tune.results.write_outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gattn.models.pretrained import read_encoder
+from pipelines.config import TuneParams, add_params_arguments, load_params
+from pipelines.data import load_tensors, native_size, read_splits
+from pipelines.metrics import METRIC
+from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
+from pipelines.stages.tune.results import log_trials, trial_row, write_outputs
+from pipelines.stages.tune.scheduler import points_run_to_end
+from pipelines.stages.tune.space import check_params, search_space, trial_id
+from pipelines.stages.tune.trial import trainable
+
+
+def data_context(
+    prepared: Path, pretrained: Path | None, p: TuneParams, seed: int
+) -> dict[str, Any]:
+    """What every trial shares: data tensors (at the data's own size; each trial resizes to
+    its resolution), classes, channels, the pretrained encoder and the device."""
+    info = read_splits(prepared)
+    size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
+    train_x, train_y, kind = load_tensors(prepared, "train", p.max_train_samples, size)
+    val_x, val_y, _ = load_tensors(prepared, "val", p.max_val_samples, size)
+    use_gpu = p.gpus_per_trial > 0 and torch.cuda.is_available()
+    return {
+        "params": p.model_dump(mode="json"),
+        "seed": seed,
+        "kind": kind,
+        "num_classes": len(info["classes"]),
+        "in_chans": int(train_x.shape[1]),
+        "train": (train_x, train_y),
+        "val": (val_x, val_y),
+        "pretrained": read_encoder(pretrained) if (p.pretrained and pretrained) else None,
+        "device": "cuda" if use_gpu else "cpu",
+        "threads": p.cpus_per_trial,
+    }
+
+
+def sweep(
+    p: TuneParams, context: Mapping[str, Any], name: str
+) -> tuple[list[dict[str, Any]], float]:
+    """Run the Ray Tune sweep; returns a row per trial and the wall time."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.ray_session import local_ray
+
+    metric = "quality"
+    searcher = OptunaSearch(
+        metric=metric,
+        mode="max",
+        seed=context["seed"],
+        points_to_evaluate=p.points(context["kind"]) or None,  # less keys the task lacks
+    )
+    scheduler = points_run_to_end(
+        p.points(context["kind"]),
+        time_attr="training_iteration",
+        max_t=p.epochs,
+        grace_period=p.grace_period,
+        reduction_factor=p.reduction_factor,
+    )
+    resources = {
+        "cpu": p.cpus_per_trial,
+        "gpu": p.gpus_per_trial if context["device"] == "cuda" else 0,
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, context=dict(context)), resources),
+        param_space=search_space(p, context["kind"]),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=p.num_samples,
+            max_concurrent_trials=p.max_concurrent,
+            time_budget_s=p.time_budget_s,
+            reuse_actors=True,  # a trial process keeps torch, timm and the data loaded
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(Path(p.storage).resolve()),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+    with local_ray(p.max_concurrent * p.cpus_per_trial, resources["gpu"] > 0):
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        wall = time.perf_counter() - t0
+    return [trial_row(r) for r in grid], wall
+
+
+def tune_stage(
+    p: TuneParams,
+    seed: int = 0,
+    prepared: Path = PREPARED,
+    pretrained: Path | None = PRETRAINED,
+    out_dir: Path = TUNED,
+    reports_dir: Path = TUNE_REPORTS,
+) -> dict[str, Any]:
+    """Run the stage; returns ``{"metrics", "rows", "name"}``.
+
+    Args:
+        p: The ``tune`` section.
+        seed: The global seed (searcher, initialisation, data order).
+        prepared: The prepare stage's output.
+        pretrained: The pretrain stage's output (None or missing: train from scratch).
+        out_dir: Where ``best.json`` goes.
+        reports_dir: Where trials, the Pareto front, its plot and metrics go.
+    """
+    check_params(p)
+    context = data_context(Path(prepared), pretrained, p, seed)
+    name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{trial_id(p.model_dump(mode='json'))}"
+    rows, wall = sweep(p, context, name)
+    measured_on = {
+        "split": "val",
+        "images": int(context["val"][0].shape[0]),
+        "size": int(context["val"][0].shape[-1]),
+        "metric": METRIC[context["kind"]],
+    }
+    metrics = write_outputs(
+        rows, p, context["kind"], wall, Path(out_dir), Path(reports_dir), measured_on
+    )
+    if not metrics["num_ok"]:
+        raise RuntimeError(
+            f"tune: none of {len(rows)} trials finished an epoch (statuses in "
+            f"{Path(reports_dir) / 'trials.csv'}); on a busy machine raise tune.time_budget_s "
+            "or lower tune.max_concurrent"
+        )
+    return {"metrics": metrics, "rows": rows, "name": name}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_arguments(parser)
+    parser.add_argument("--data", type=Path, default=PREPARED, help="prepared data folder")
+    parser.add_argument(
+        "--pretrained", type=Path, default=PRETRAINED, help="pretrained encoder folder"
+    )
+    parser.add_argument("--out", type=Path, default=TUNED, help="folder for best.json")
+    parser.add_argument("--reports", type=Path, default=TUNE_REPORTS, help="report folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines import tracking
+
+    params = load_params(args.params, args.overrides)
+    with tracking.stage_run(
+        "tune", params.model_dump(include={"seed", "tune"}), params.tracking.experiment
+    ) as parent:
+        out = tune_stage(
+            params.tune, params.seed, args.data, args.pretrained, args.out, args.reports
+        )
+        mlflow.log_metrics({k: float(v) for k, v in out["metrics"].items()})
+        mlflow.set_tag("gattn.ray_run", out["name"])
+        mlflow.log_artifacts(str(args.reports), artifact_path="tune")
+        mlflow.log_artifacts(str(args.out), artifact_path="best")
+        log_trials(out["rows"], parent.info.experiment_id, parent.info.run_id)
+    m = out["metrics"]
+    print(
+        f"tune: {m['num_trials']} trials ({m['num_ok']} trained, {m['num_infeasible']} infeasible, "
+        f"{m['num_error'] + m['num_oom']} failed) in {m['wall_s']:.0f}s; best quality "
+        f"{m['best_quality']:.4f}; see {args.reports / 'pareto.csv'} and {args.out / 'best.json'}"
+    )
+    return 0

@@ -1,0 +1,260 @@
+"""One trial of the ``tune`` search: screen a sampled config by its estimated memory, then
+train, score and measure it in-process.
+
+:func:`run_trial` first estimates the peak memory of one training step at the sample's batch
+size and resolution (:func:`gattn.budget.estimate_peak_memory`, fake tensors, about a
+second); over the largest budget the config is recorded as ``infeasible`` and never trained.
+Otherwise :func:`train_config` trains ``tune.epochs`` short epochs with the finetune stage's
+recipe (AdamW, warm-up + cosine, class-balanced cross-entropy, random flips), reporting the
+validation quality after each epoch (so ASHA can stop it), the measured peak memory of a
+training step (:func:`gattn.budget.peak_memory`), images/s and parameters. A trial that
+raises (a bad block option, out of memory) is recorded as ``error``/``oom``: a trial's fault
+never stops the sweep.
+
+Why in-process and not a ``TorchTrainer`` per trial: Ray 2.60 refuses ``Tuner(TorchTrainer)``,
+and a trial here is seconds of single-process training, so a worker group per trial would add
+its start-up to every trial for no gain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gattn.budget import estimate_peak_memory, peak_memory, train_step
+from gattn.inference.preprocess import resize_input
+from gattn.models import build_model
+from gattn.models.pretrained import load_pretrained
+from gattn.ssl.schedules import warmup_cosine
+from pipelines.config import TuneParams
+from pipelines.metrics import METRIC, class_weights, score_resized
+from pipelines.stages.tune.space import model_config, summary, trial_id
+
+GIB = 2**30
+
+
+def _resize_targets(y: torch.Tensor, size: int) -> torch.Tensor:
+    if y.ndim == 1 or y.shape[-1] == size:
+        return y
+    return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=gen)
+    full = max(1, n // batch_size)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(full)]
+
+
+def _flip(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.rand((), generator=gen) < 0.5:
+        x = x.flip(-1)
+        y = y.flip(-1) if y.ndim > 1 else y
+    return x, y
+
+
+def measured_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> int:
+    """One training step under :func:`gattn.budget.peak_memory` (batch, model and optimizer
+    state counted); returns its peak bytes."""
+    return peak_memory(
+        lambda: train_step(model, optimizer, x, y, weight), [model, optimizer, x, y], x.device
+    )
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    size: int,
+    gen: torch.Generator,
+    measure: bool,
+    weight: torch.Tensor | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, float]:
+    """One epoch of random-flip training at ``size`` px (loss weighted per class by
+    ``weight``, if given; ``scheduler`` stepped after every optimizer step).
+
+    With ``measure``, the second step (the first has created the optimizer state) is run
+    under :func:`gattn.budget.peak_memory` and left out of the timing.
+
+    Returns:
+        ``steps``, ``images``, ``seconds`` (timed steps), ``loss`` (mean) and ``peak_bytes``
+        (0 when not measured).
+    """
+    images, targets = data
+    device = next(model.parameters()).device
+    out = {"steps": 0.0, "images": 0.0, "seconds": 0.0, "loss": 0.0, "peak_bytes": 0.0}
+    for idx in _batches(len(images), batch_size, gen):
+        x, y = _flip(images[idx], targets[idx], gen)
+        x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
+        if measure and out["steps"] == 1:
+            out["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
+        else:
+            t0 = time.perf_counter()
+            loss = train_step(model, optimizer, x, y, weight)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out["seconds"] += time.perf_counter() - t0
+            out["images"] += len(idx)
+            out["loss"] += float(loss)
+        if scheduler is not None:
+            scheduler.step()
+        out["steps"] += 1
+    out["loss"] /= max(1.0, out["steps"] - (1 if measure else 0))
+    return out
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(err)
+
+
+def run_trial(
+    sample: Mapping[str, Any],
+    context: Mapping[str, Any],
+    report: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Screen, train and measure one sampled config; report after every epoch.
+
+    Never raises for the config's own faults: a config over the largest budget reports
+    ``status: infeasible`` (quality 0, nothing trained), one that raises reports ``error`` or
+    ``oom`` (quality 0) with the message.
+
+    Args:
+        sample: One point of :func:`search_space`.
+        context: ``params`` (the ``tune`` section as a dict), ``seed``, ``kind``,
+            ``num_classes``, ``in_chans``, ``train``/``val`` (tensors from
+            :func:`load_tensors`), ``pretrained`` (``(config, weights)`` from
+            :func:`gattn.models.pretrained.read_encoder`, or None) and
+            ``device``.
+        report: Receives each epoch's metrics (``ray.tune.report`` in a sweep).
+
+    Returns:
+        The last report.
+    """
+    p = TuneParams.model_validate(context["params"])
+    device = torch.device(context["device"])
+    budgets = sorted(p.budgets_gib)
+    row: dict[str, Any] = {
+        "trial": trial_id(sample),
+        "summary": summary(sample),
+        "status": "running",
+        "quality": 0.0,
+        "metric": "miou" if context["kind"] == "seg" else "accuracy",
+        "epochs": 0,
+        "steps": 0,
+        "error": "",
+    }
+    try:
+        cfg = model_config(sample, p, context["kind"], context["num_classes"], context["in_chans"])
+        row["model"] = cfg
+        estimated = estimate_peak_memory(
+            cfg, int(sample["batch_size"]), int(sample["img_size"]), device, lr=sample["lr"]
+        )
+        row["estimated_memory_gib"] = estimated / GIB
+        row["fits_budgets_gib"] = [b for b in budgets if estimated <= b * GIB]
+        if not row["fits_budgets_gib"]:
+            row["status"] = "infeasible"
+            report(dict(row))
+            return row
+        train_config(sample, context, p, cfg, device, row, report)
+    except Exception as err:  # a trial's fault must not stop the sweep
+        row["status"] = "oom" if _is_oom(err) else "error"
+        row["error"] = f"{type(err).__name__}: {err}"[:2000]
+        row["traceback"] = traceback.format_exc()[-4000:]
+        report(dict(row))
+    return row
+
+
+def train_config(
+    sample: Mapping[str, Any],
+    context: Mapping[str, Any],
+    p: TuneParams,
+    cfg: dict[str, Any],
+    device: torch.device,
+    row: dict[str, Any],
+    report: Callable[[dict[str, Any]], None],
+) -> nn.Module:
+    """Train ``cfg`` as a trial does and return the model; ``row`` gains the figures, which
+    ``report`` receives after every epoch.
+
+    The recipe is the finetune stage's, over ``p.epochs``: AdamW at the sample's peak
+    learning rate after ``p.warmup_epochs`` of linear warm-up, cosine down to
+    ``lr * p.min_lr_ratio``, class-balanced cross-entropy, random flips; the data order and
+    initialisation follow ``context["seed"]``.
+    """
+    torch.manual_seed(context["seed"])
+    gen = torch.Generator().manual_seed(context["seed"])
+    model = build_model(cfg)
+    encoder = context.get("pretrained")
+    if encoder is not None:
+        source_cfg, weights = encoder
+        init = load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
+        row["pretrained_tensors"] = len(init.matched)
+    else:
+        row["pretrained_tensors"] = 0
+    model = model.to(device).train()
+    row["params"] = sum(q.numel() for q in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sample["lr"], weight_decay=p.weight_decay)
+    size, batch_size = int(sample["img_size"]), int(sample["batch_size"])
+    steps = len(_batches(len(context["train"][0]), batch_size, gen))
+    total, warmup = p.epochs * steps, p.warmup_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, 1.0, p.min_lr_ratio, warmup)
+    )
+    weight = None
+    if p.balance_classes:
+        weight = class_weights(context["train"][1], context["num_classes"]).to(device)
+    images = seconds = 0.0
+    for epoch in range(p.epochs):
+        stats = train_epoch(
+            model, optimizer, context["train"], batch_size, size, gen, epoch == 0, weight, scheduler
+        )
+        if epoch == 0:
+            if stats["steps"] < 2:  # one step per epoch: measure a second one now
+                x, y = context["train"][0][:batch_size], context["train"][1][:batch_size]
+                x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
+                stats["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
+            row["peak_memory_gib"] = stats["peak_bytes"] / GIB
+        images += stats["images"]
+        seconds += stats["seconds"]
+        row.update(
+            status="ok",
+            epochs=epoch + 1,
+            steps=row["steps"] + int(stats["steps"]),
+            loss=stats["loss"],
+            images_per_s=images / max(seconds, 1e-9),
+            train_s=seconds,
+            quality=score_resized(
+                model, *context["val"], context["kind"], size, context["num_classes"]
+            )[METRIC[context["kind"]]],
+        )
+        report(dict(row))
+    return model
+
+
+def trainable(sample: dict[str, Any], context: dict[str, Any]) -> None:
+    """The Tune function trainable: :func:`run_trial` with ``ray.tune.report``."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(context["threads"])))
+    run_trial(sample, context, lambda metrics: tune.report(_tune_metrics(metrics)))
+
+
+def _tune_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Tune results hold flat values: nested entries are carried as JSON strings."""
+    return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
