@@ -240,6 +240,13 @@ def window_view(
     return crop, mask
 
 
+def _detach_features(
+    module: nn.Module, args: Any, features: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Forward hook: the encoder's feature maps without their gradient path."""
+    return [f.detach() for f in features]
+
+
 class FinetuneHooks(Hooks):
     """The finetune stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
     the searched model initialised from the pretrained encoder, class-balanced cross-entropy,
@@ -294,7 +301,14 @@ class FinetuneHooks(Hooks):
             # Global feedback: the head sees a window, the context the whole image.
             context = unwrap(model).encode_context(images)
             images, targets = window_view(images, targets, p.context_crop_scale, self.generator)
-            logits = model(images, global_context=context)
+            hook = None
+            if not p.context_crop_encoder_grad:
+                hook = unwrap(model).encoder.register_forward_hook(_detach_features)
+            try:
+                logits = model(images, global_context=context)
+            finally:
+                if hook is not None:
+                    hook.remove()
         else:
             logits = model(images)
         loss = F.cross_entropy(
