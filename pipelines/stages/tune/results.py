@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gattn.budget.recommend import best_fitting
-from pipelines.config import TuneParams
+from pipelines.config import Task, TuneParams
 from pipelines.contracts import BestFile
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import METRIC
@@ -219,7 +219,7 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
 def write_outputs(
     rows: Sequence[dict[str, Any]],
     p: TuneParams,
-    kind: str,
+    kind: Task,
     wall: float,
     out_dir: Path,
     reports_dir: Path,
