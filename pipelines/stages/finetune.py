@@ -23,10 +23,9 @@ unused no-op.
 Reads ``seed``, ``tracking``, ``finetune`` from params.yaml, ``models/tune/best.json``,
 ``models/pretrained/`` and ``data/prepared/``. Writes
 
-- ``models/finetuned/``: a :func:`gattn.models.save_model` folder (meta: ``task``,
-  ``classes``, ``img_size``, ``metric``, ``best_score``, ``registered: {name, version}``),
-  also registered in the MLflow Model Registry under ``tracking.model_name`` with alias
-  ``champion``;
+- ``models/finetuned/``: a :func:`gattn.models.save_model` folder whose meta is a
+  :class:`pipelines.contracts.ModelMeta`, also registered in the MLflow Model Registry under
+  ``tracking.model_name`` with alias ``champion``;
 - ``reports/finetune/``: ``metrics.json``, ``history.csv`` (per epoch: train loss, validation
   metric) and ``init.json`` (which pretrained keys were loaded).
 """
@@ -492,6 +491,36 @@ def stage_metrics(
     }
 
 
+def model_meta(
+    config: dict[str, Any], history: list[dict[str, Any]], budget: str, entry: BestEntry
+) -> ModelMeta:
+    """The model folder's meta: task, classes, input size, and the best epoch of ``history``
+    (ties: the first) with its validation score, the budget and the searched trial."""
+    task = config["task"]
+    best_row = max(history, key=lambda h: h["val_metric"])
+    return ModelMeta(
+        task=task,
+        classes=config["classes"],
+        img_size=config["img_size"],
+        metric=METRIC[task],
+        best_score=float(best_row["val_metric"]),
+        best_epoch=int(best_row["epoch"]),
+        budget_gib=float(budget),
+        trial=entry.trial,
+        run_name=config["run_name"],
+    )
+
+
+def register_model(work: Path, model_name: str) -> dict[str, Any]:
+    """Register the model folder ``work`` under ``model_name`` (alias ``champion``) and record
+    the version in its meta. The stage does this last, so a failed stage registers nothing."""
+    from pipelines.registry import register
+
+    registered = {"name": model_name, "version": register(work, model_name)}
+    write_json(work / CONFIG, {**read_config(work), "registered": registered})
+    return registered
+
+
 def finetune(
     p: FinetuneParams,
     seed: int = 0,
@@ -519,8 +548,6 @@ def finetune(
         fail_at_epoch: Fault injection for tests (see
             :func:`pipelines.stages.pretrain.pretrain`).
     """
-    from pipelines.registry import register
-
     best, budget, entry = load_best(best_json, p.budget_gib)
     config = loop_config(p, seed, entry, pretrained, Path(prepared), fail_at_epoch)
     name, storage = config["run_name"], Path(config["storage"])
@@ -532,28 +559,14 @@ def finetune(
     comparison = compare_with_search(
         model, best, entry, Path(prepared), task, config["num_classes"], size
     )
-    best_row = max(history, key=lambda h: h["val_metric"])
-    meta = ModelMeta(
-        task=task,
-        classes=config["classes"],
-        img_size=size,
-        metric=METRIC[task],
-        best_score=float(best_row["val_metric"]),
-        best_epoch=int(best_row["epoch"]),
-        budget_gib=float(budget),
-        trial=entry.trial,
-        run_name=name,
-    )
+    meta = model_meta(config, history, budget, entry)
     work = staging_dir(Path(out_dir))
     save_model(model, config["model"], work, **meta.model_dump(mode="json", exclude={"registered"}))
     init = report.to_dict()
     metrics = stage_metrics(meta, history, init, wall, comparison)
     write_reports(Path(reports_dir), p, history, init, metrics)
     check_against_search(comparison, p.search_tolerance)
-    registered = None
-    if model_name:  # last, so that a failed stage registers nothing
-        registered = {"name": model_name, "version": register(work, model_name)}
-        write_json(work / CONFIG, {**read_config(work), "registered": registered})
+    registered = register_model(work, model_name) if model_name else None  # last
     publish_dir(work, Path(out_dir))
     return {
         "metrics": metrics,

@@ -130,6 +130,36 @@ def _write_balance_csv(path: Path, names: list[str], balance: dict[str, list[flo
     write_csv(path, rows, ["split", "class", "fraction"])
 
 
+def write_splits(
+    work: Path,
+    params: Params,
+    dataset: FullSet,
+    root: Path,
+    kind: Task,
+    names: list[str],
+    splits: dict[str, list[int]],
+) -> None:
+    """``splits.json`` in the staging folder ``work``: the task, its classes, where the images
+    live (relative to the prepared folder when generated into it) and each split's image
+    paths relative to that root."""
+
+    def rel(i: int) -> str:
+        return Path(dataset.samples[i][0]).relative_to(root).as_posix()
+
+    in_work = root.is_relative_to(work)
+    write_json(
+        work / SPLITS_JSON,
+        {
+            "task": params.data.task,
+            "kind": kind,
+            "classes": names,
+            "root": root.relative_to(work).as_posix() if in_work else str(root),
+            "large": "large" if (work / "large").is_dir() else None,
+            **{s: [rel(i) for i in splits[s]] for s in SPLITS},
+        },
+    )
+
+
 def prepare(
     params: Params, out_dir: Path = PREPARED, reports_dir: Path = PREPARE_REPORTS
 ) -> dict[str, Any]:
@@ -151,21 +181,7 @@ def prepare(
             **d.generator,
         )
 
-    def rel(i: int) -> str:
-        return Path(dataset.samples[i][0]).relative_to(root).as_posix()
-
-    in_work = root.is_relative_to(work)
-    write_json(
-        work / SPLITS_JSON,
-        {
-            "task": d.task,
-            "kind": kind,
-            "classes": names,
-            "root": root.relative_to(work).as_posix() if in_work else str(root),
-            "large": "large" if (work / "large").is_dir() else None,
-            **{s: [rel(i) for i in splits[s]] for s in SPLITS},
-        },
-    )
+    write_splits(work, params, dataset, root, kind, names, splits)
 
     balance = {s: class_balance(dataset, splits[s]) for s in SPLITS}
     reports_dir.mkdir(parents=True, exist_ok=True)

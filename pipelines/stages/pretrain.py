@@ -332,27 +332,12 @@ def pretrain(
     name = run_name(p, seed, data_fingerprint(prepared))
     cfg = encoder_config(p)
     storage.mkdir(parents=True, exist_ok=True)
-    result, wall = fit_torch_trainer(
-        train_loop,
-        {
-            "params": p.model_dump(mode="json"),
-            "seed": seed,
-            "model": cfg,
-            "prepared": str(prepared.resolve()),
-            "fail_at_epoch": fail_at_epoch,
-            "fail_flag": str(storage / f"{name}.injected-failure"),
-        },
-        p,
-        name,
-        storage,
-    )
+    fail_flag = storage / f"{name}.injected-failure"
+    config = loop_config(p, seed, cfg, prepared, fail_at_epoch, fail_flag)
+    result, wall = fit_torch_trainer(train_loop, config, p, name, storage)
     work = staging_dir(out_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        history = json.loads((Path(d) / HISTORY).read_text())
-        shutil.copy(Path(d) / ENCODER, work / ENCODER)
-        if p.method == "mae":
-            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "objective.png")
+    history = export(result, p, cfg, prepared, work, reports_dir)
     epochs, steps = history["epochs"], history["steps"]
     write_json(
         work / "config.json",
@@ -360,15 +345,7 @@ def pretrain(
     )
     write_csv(reports_dir / "loss_curve.csv", epochs, list(epochs[-1]))
     _step_figures(p, steps, reports_dir)
-    final = epochs[-1]
-    metrics = {
-        "epochs": int(final["epoch"]),
-        "loss": float(final["loss"]),
-        "first_epoch_loss": float(epochs[0]["loss"]),
-        "images_per_s": float(final["images_per_s"]),
-        "resumed_from_epoch": int(final["start_epoch"]),
-        "wall_s": wall,
-    }
+    metrics = stage_metrics(epochs, wall)
     if p.probe.enabled:
         metrics |= probe(p, cfg, seed, work / ENCODER, prepared)
     write_json(reports_dir / "metrics.json", metrics)
@@ -379,6 +356,57 @@ def pretrain(
         "steps": steps,
         "run_name": name,
         "storage": str(storage),
+    }
+
+
+def loop_config(
+    p: PretrainParams,
+    seed: int,
+    cfg: dict[str, Any],
+    prepared: Path,
+    fail_at_epoch: int | None,
+    fail_flag: Path,
+) -> dict[str, Any]:
+    """The workers' config (:class:`PretrainHooks`): the section, the seed, the encoder's
+    config, the data, and the tests' fault injection (:func:`pretrain`'s ``fail_at_epoch``)."""
+    return {
+        "params": p.model_dump(mode="json"),
+        "seed": seed,
+        "model": cfg,
+        "prepared": str(prepared.resolve()),
+        "fail_at_epoch": fail_at_epoch,
+        "fail_flag": str(fail_flag),
+    }
+
+
+def export(
+    result: Any,
+    p: PretrainParams,
+    cfg: dict[str, Any],
+    prepared: Path,
+    work: Path,
+    reports_dir: Path,
+) -> dict[str, Any]:
+    """From the run's last checkpoint: the encoder's weights into ``work`` and, for MAE, the
+    reconstruction figure; returns the run's history (``epochs`` and ``steps`` rows)."""
+    with result.checkpoint.as_directory() as d:
+        history: dict[str, Any] = json.loads((Path(d) / HISTORY).read_text())
+        shutil.copy(Path(d) / ENCODER, work / ENCODER)
+        if p.method == "mae":
+            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "objective.png")
+    return history
+
+
+def stage_metrics(epochs: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The training figures of ``metrics.json`` (the probe adds its accuracies)."""
+    final = epochs[-1]
+    return {
+        "epochs": int(final["epoch"]),
+        "loss": float(final["loss"]),
+        "first_epoch_loss": float(epochs[0]["loss"]),
+        "images_per_s": float(final["images_per_s"]),
+        "resumed_from_epoch": int(final["start_epoch"]),
+        "wall_s": wall,
     }
 
 
