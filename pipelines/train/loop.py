@@ -44,7 +44,8 @@ def warmup_cosine_scheduler(
     optimizer: torch.optim.Optimizer, total: int, warmup: float, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` of the peak at step
-    ``total``, for each parameter group scaled by its ``lr_scale`` (default 1)."""
+    ``total``, for each parameter group scaled by its ``lr_scale`` (default 1). The one
+    schedule of every training: this loop's, and each tune trial's."""
 
     def factor(scale: float) -> Callable[[int], float]:
         return lambda step: scale * warmup_cosine(step, total, 1.0, min_ratio, warmup)
