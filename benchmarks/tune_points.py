@@ -47,7 +47,7 @@ def run_point(sample: dict[str, Any], seed: int, params: Any, data: Path, work: 
         return json.loads(done.read_text())
     p = params.tune
     context = data_context(data, None, p, seed)
-    cfg = model_config(sample, p, context["kind"], context["num_classes"], context["in_chans"])
+    cfg = model_config(sample, p, context.kind, context.num_classes, context.in_chans)
     curve: list[float] = []
     row: dict[str, Any] = {"steps": 0}
     t0 = time.perf_counter()

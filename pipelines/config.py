@@ -11,7 +11,7 @@ import argparse
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,7 +71,10 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
-def validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> BaseModel:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: dict[str, Any], path: Path) -> M:
     """Validate ``data`` against ``model``; raise :class:`ParamsError` with every problem."""
     try:
         return model.model_validate(data)
@@ -83,7 +86,13 @@ def validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> BaseMo
 # Sections. A stage reads only its own section (plus ``seed`` and ``tracking``).
 
 
-TASK_KINDS = {"cue-seg": "seg", "pathfinder": "cls", "folder-cls": "cls", "folder-seg": "seg"}
+Task = Literal["seg", "cls"]  # what a task's targets are: masks or image labels
+TASK_KINDS: dict[str, Task] = {
+    "cue-seg": "seg",
+    "pathfinder": "cls",
+    "folder-cls": "cls",
+    "folder-seg": "seg",
+}
 
 
 class TrackingParams(Section):
@@ -144,7 +153,7 @@ class DataParams(Section):
         return self
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Task:
         """``seg`` or ``cls``: what the task's targets are."""
         return TASK_KINDS[self.task]
 
@@ -378,7 +387,7 @@ class FamilyParams(Section):
 
 
 _NO_LAYERSCALE = {"ls_init_value": None}  # trained briefly from scratch: no identity start
-DEFAULT_FAMILIES = {
+DEFAULT_FAMILIES: dict[str, dict[str, Any]] = {
     "cnn": {"backbone": "gattn_local_cnn"},
     "swin": {
         "backbone": "swin_tiny_patch4_window7_224",
@@ -391,7 +400,7 @@ DEFAULT_FAMILIES = {
     },
     "vit": {"backbone": "gattn_vit_global"},
 }
-DEFAULT_MODULE_SIZES = {
+DEFAULT_MODULE_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "global_attn": {"num_heads": 2, **_NO_LAYERSCALE},
         "global_tokens": {"window_size": 4, "num_global_tokens": 2, **_NO_LAYERSCALE},
@@ -512,7 +521,7 @@ class TuneParams(Section):
             )
         return self
 
-    def choices(self, kind: str) -> dict[str, list[Any]]:
+    def choices(self, kind: Task) -> dict[str, list[Any]]:
         """The categorical knobs of the search for a task ``kind`` (``seg``/``cls``) and their
         values, in the order the search space lists them. The search also samples ``lr``
         (log-uniform in :attr:`lr`); ``head`` is a segmentation knob only."""
@@ -530,13 +539,13 @@ class TuneParams(Section):
             choices["head"] = list(self.heads)
         return choices
 
-    def points(self, kind: str) -> list[dict[str, Any]]:
+    def points(self, kind: Task) -> list[dict[str, Any]]:
         """``points_to_evaluate`` for a task ``kind``: each point without the keys its search
         space lacks (``head`` for classification), so one default serves every task."""
         keys = {*self.choices(kind), "lr"}
         return [{k: v for k, v in point.items() if k in keys} for point in self.points_to_evaluate]
 
-    def missing_in_points(self, kind: str) -> str | None:
+    def missing_in_points(self, kind: Task) -> str | None:
         """Why a point does not fix every knob of the ``kind`` search (which Ray's searcher
         requires), or None."""
         keys = [*self.choices(kind), "lr"]
@@ -581,7 +590,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
     data = read_yaml(path)
     for assignment in overrides:
         set_override(data, assignment)
-    return validate(Params, data, path)  # type: ignore[return-value]
+    return validate(Params, data, path)
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import ParamsError, Section, ServeParams
+from pipelines.config import ParamsError, Section, ServeParams, Task
 
 
 class ContractError(ParamsError):
@@ -120,7 +120,7 @@ class BestFile(Contract):
     """``models/tune/best.json``: the best trained config per budget (``None`` where none
     fits) and the budget the finetune stage trains by default."""
 
-    task: Literal["seg", "cls"]
+    task: Task
     measured_on: MeasuredOn = MeasuredOn()
     budgets_gib: list[float]
     per_budget: dict[str, BestEntry | None]
@@ -152,7 +152,7 @@ class ModelMeta(Contract):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    task: Literal["seg", "cls"]
+    task: Task
     classes: list[str] = Field(min_length=1)
     img_size: int = Field(ge=1)
     metric: str | None = None
@@ -186,15 +186,28 @@ APP_FIELDS = (  # ServeParams fields that are app args (the rest: deployment opt
     "auth_token_env",
 )
 
-# The app's arguments (``args`` of the serve config): the model, where the registry lives, and
-# the request-level settings of ServeParams (same names, defaults and checks).
-AppArgs: type[Section] = create_model(  # type: ignore[call-overload]
-    "AppArgs",
-    __base__=Section,
-    model=(str, ...),
-    tracking_uri=(str | None, None),
-    **{
-        k: (ServeParams.model_fields[k].annotation, ServeParams.model_fields[k]) for k in APP_FIELDS
-    },
-)
+
+def _serve_field(name: str) -> Any:
+    """The ``serve`` section's field ``name`` (its default and checks), for :class:`AppArgs`."""
+    return ServeParams.model_fields[name]
+
+
+class AppArgs(Section):
+    """The app's arguments (``args`` of the serve config): the model, where the registry
+    lives, and the request-level settings of :class:`ServeParams` (:data:`APP_FIELDS`: same
+    names, types, defaults and checks)."""
+
+    model: str
+    tracking_uri: str | None = None
+    max_batch_size: int = _serve_field("max_batch_size")
+    batch_wait_timeout_s: float = _serve_field("batch_wait_timeout_s")
+    concurrent_batches: int | None = _serve_field("concurrent_batches")
+    max_body_bytes: int = _serve_field("max_body_bytes")
+    max_pixels: int = _serve_field("max_pixels")
+    top_k: int = _serve_field("top_k")
+    overlap: float = _serve_field("overlap")
+    tta_scales: tuple[float, ...] = _serve_field("tta_scales")
+    auth_token_env: str | None = _serve_field("auth_token_env")
+
+
 SERVE_FIX = "rerun `gattn deploy` (or pass --config)"

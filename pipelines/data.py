@@ -16,13 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 from gattn.data import ImageFolderDataset, SegmentationFolderDataset, SyntheticDataset
+from pipelines.config import Task
 from pipelines.paths import PREPARED, SPLITS_JSON
 
 SPLITS = ("train", "val", "test")
 GENERATED = ("cue-seg", "pathfinder")  # data.task values whose images prepare generates
+
+Sample = tuple[Any, Any]  # (image, target), as the split's transform leaves them
+# The opened images of a split: a sized view of the full data set (what DataLoader and len()
+# both take, unlike a bare torch Dataset).
+Split = Subset[Sample]
 
 
 def read_splits(prepared: Path = PREPARED) -> dict[str, Any]:
@@ -45,19 +51,21 @@ def images_root(prepared: Path, info: dict[str, Any]) -> Path:
 
 def open_split(
     split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
-) -> Dataset:
-    """The ``train``/``val``/``test`` split (or the large images) of a prepared data set."""
+) -> Split:
+    """The ``train``/``val``/``test`` split (or all the large images) of a prepared data set."""
     prepared = Path(prepared)
     info = read_splits(prepared)
     if large:
         if not info.get("large"):
             raise FileNotFoundError(f"{prepared} has no large images (data.large.num_samples: 0)")
-        return SyntheticDataset(prepared / info["large"], transform=transform, check="none")
+        large_set = SyntheticDataset(prepared / info["large"], transform=transform, check="none")
+        return Subset(large_set, range(len(large_set)))
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     root = images_root(prepared, info)
     if info["task"] in GENERATED:
-        full: Any = SyntheticDataset(root, transform=transform, check="none")
+        full: SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset
+        full = SyntheticDataset(root, transform=transform, check="none")
     elif info["task"] == "folder-cls":
         full = ImageFolderDataset(root, transform=transform, check="none")
     else:
@@ -73,9 +81,9 @@ def open_split(
     return Subset(full, [position[p] for p in wanted])
 
 
-def subset(ds: Dataset, limit: int | None) -> Dataset:
+def subset(ds: Split, limit: int | None) -> Split:
     """The first ``limit`` samples of ``ds`` (all of them for ``None``)."""
-    return Subset(ds, range(min(len(ds), limit))) if limit else ds  # type: ignore[arg-type]
+    return Subset(ds, range(min(len(ds), limit))) if limit else ds
 
 
 def data_fingerprint(prepared: Path) -> str:
@@ -91,21 +99,21 @@ def data_fingerprint(prepared: Path) -> str:
 
 def load_tensors(
     prepared: Path, split: str, limit: int | None, size: int
-) -> tuple[torch.Tensor, torch.Tensor, str]:
+) -> tuple[torch.Tensor, torch.Tensor, Task]:
     """The first ``limit`` images of a split as one float tensor at ``size`` x ``size`` (masks
     resized nearest), their targets, and the task kind (``seg``/``cls``)."""
     from torchvision.transforms import v2
 
     from gattn.data.views import seg_eval_transform, to_float
 
-    kind = read_splits(prepared)["kind"]
+    kind: Task = read_splits(prepared)["kind"]
     transform = (
         seg_eval_transform(size)
         if kind == "seg"
         else v2.Compose([v2.Resize((size, size)), to_float()])
     )
     ds = subset(open_split(split, prepared, transform), limit)
-    images, targets = zip(*(ds[i] for i in range(len(ds))), strict=True)  # type: ignore[arg-type]
+    images, targets = zip(*(ds[i] for i in range(len(ds))), strict=True)
     return (
         torch.stack([torch.as_tensor(x) for x in images]),
         torch.as_tensor(torch.stack(targets) if kind == "seg" else targets),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,9 @@ from torchmetrics.classification import (
 
 from gattn.data.datasets import IGNORE_INDEX
 from gattn.inference.preprocess import resize_input
+from pipelines.config import Task
 
-Task = Literal["seg", "cls"]
-METRIC = {"seg": "miou", "cls": "accuracy"}  # the selection metric of each task
+METRIC: dict[Task, str] = {"seg": "miou", "cls": "accuracy"}  # the selection metric of each task
 
 
 def task_metrics(task: Task, num_classes: int) -> MetricCollection:

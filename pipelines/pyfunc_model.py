@@ -15,7 +15,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModel
 
 MODEL_ARTIFACT = "model"  # key of the model folder in the pyfunc's ``artifacts``
 

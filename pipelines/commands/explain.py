@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +24,10 @@ from gattn.data.images import open_image
 from gattn.diagnostics import overlay_heatmap
 from pipelines.paths import EXPLAIN_REPORTS, FINETUNED
 
-METHODS = {"auto": "auto", "rollout": "rollout", "gradcam": "grad_cam"}
+if TYPE_CHECKING:  # the predictor (torch) is imported when the command runs
+    from pipelines.serve.predictor import Method
+
+METHODS: dict[str, Method] = {"auto": "auto", "rollout": "rollout", "gradcam": "grad_cam"}
 
 
 def explain(

@@ -62,7 +62,7 @@ from pipelines.serve.http_io import (
     mask_png,
     read_body,
 )
-from pipelines.serve.predictor import InputSpec, Job, Options, Predictor
+from pipelines.serve.predictor import InputSpec, Job, Method, Options, Predictor
 
 _ALIAS = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
 
@@ -263,12 +263,12 @@ class GattnModel:
             return self.predictor.run(jobs)
 
     def explain(
-        self, image: Any, method: str, target: int | None
+        self, image: Any, method: Method, target: int | None
     ) -> tuple[str, np.ndarray, int] | ValueError:
         """:meth:`Predictor.explain`; a method that does not apply comes back as the error."""
         with self.lock:
             try:
-                return self.predictor.explain(image, method, target)  # type: ignore[arg-type]
+                return self.predictor.explain(image, method, target)
             except ValueError as err:
                 return err
 
@@ -284,7 +284,7 @@ class GattnIngress:
         args: :data:`AppArgs` as a dict (the serve config's ``args``).
     """
 
-    async def __init__(self, model: Any, args: dict[str, Any]) -> None:
+    async def __init__(self, model: Any, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits an async constructor
         import torch
 
         torch.set_num_threads(1)  # preprocessing only
@@ -428,5 +428,13 @@ def build_app(
         raise ValueError(f"serve app args: {err}") from None
     app_args = checked.model_dump(mode="json")
     options = deployments or {}
-    model = GattnModel.options(**options.get(DEPLOYMENT, {})).bind(app_args)
-    return GattnIngress.options(**options.get(INGRESS, {})).bind(model, app_args)
+    model = deployment(GattnModel).options(**options.get(DEPLOYMENT, {})).bind(app_args)
+    return deployment(GattnIngress).options(**options.get(INGRESS, {})).bind(model, app_args)
+
+
+def deployment(cls: object) -> serve.Deployment:
+    """A ``@serve.deployment`` class as what it is at runtime, a :class:`serve.Deployment`
+    (mypy keeps a class's own type through class decorators: python/mypy#3135)."""
+    if not isinstance(cls, serve.Deployment):
+        raise TypeError(f"{cls!r} is not a Ray Serve deployment")
+    return cls

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -77,7 +77,7 @@ async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], li
     return bytes(body)
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
+async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
@@ -182,7 +182,9 @@ def _palette() -> list[int]:
     """A 256-entry PNG palette: class 0 black, then matplotlib's tab10 colours, repeated."""
     import matplotlib
 
-    tab10 = [tuple(round(255 * c) for c in rgb) for rgb in matplotlib.colormaps["tab10"].colors]
+    tab10 = [
+        tuple(round(255 * c) for c in rgba[:3]) for rgba in matplotlib.colormaps["tab10"](range(10))
+    ]
     colours = [(0, 0, 0)] + [tab10[i % 10] for i in range(255)]
     return [v for rgb in colours for v in rgb]
 
@@ -210,7 +212,10 @@ def heatmap_png(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> str
 
     width, height = image.size
     heat_image = Image.fromarray(np.clip(heat * 255.0, 0, 255).astype(np.uint8))
-    heat = np.asarray(heat_image.resize((width, height), Image.BILINEAR), np.float32) / 255.0
+    heat = (
+        np.asarray(heat_image.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+        / 255.0
+    )
     colour = matplotlib.colormaps["jet"](heat)[..., :3]
     base = np.asarray(image.convert("RGB"), np.float32) / 255.0
     blend = (1 - alpha) * base + alpha * colour

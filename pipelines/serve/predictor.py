@@ -40,8 +40,10 @@ from gattn.diagnostics import attention_rollout, grad_cam, rollout_map
 from gattn.inference import InputTransform, model_input, resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
+from pipelines.config import Task
 
 Sliding = Literal["auto", "on", "off"]
+Method = Literal["auto", "rollout", "grad_cam"]  # of an explanation
 Runner = Callable[[torch.Tensor], torch.Tensor]
 WINDOW_BATCH = 16  # sliding windows per forward pass
 
@@ -84,7 +86,7 @@ def has_attention(model: nn.Module) -> bool:
     )
 
 
-def cam_layer(model: nn.Module) -> tuple[str, str | None]:
+def cam_layer(model: nn.Module) -> tuple[str, Literal["nhwc"] | None]:
     """Name of the backbone's last feature stage (Grad-CAM's target) and its layout.
 
     Raises:
@@ -96,7 +98,7 @@ def cam_layer(model: nn.Module) -> tuple[str, str | None]:
         raise ValueError(f"{type(backbone).__name__} has no feature_info; cannot pick a layer")
     name = info.module_name(-1) if hasattr(info, "module_name") else info[-1]["module"]
     fmt = getattr(backbone, "output_fmt", "NCHW")
-    layout = "nhwc" if getattr(fmt, "value", fmt) == "NHWC" else None
+    layout: Literal["nhwc"] | None = "nhwc" if getattr(fmt, "value", fmt) == "NHWC" else None
     modules = dict(model.named_modules())
     for candidate in (name, name.replace(".", "_"), f"model.{name}"):
         if prefix + candidate in modules:
@@ -113,7 +115,7 @@ class InputSpec:
     preprocess requests in its own process; only batches of ready tensors reach the model.
     """
 
-    task: str
+    task: Task
     classes: tuple[str, ...]
     img_size: tuple[int, int]
     in_chans: int
@@ -221,7 +223,8 @@ class Predictor:
     ) -> None:
         self.model, self.config = load_model(model_dir, device)
         self.spec = InputSpec.of(self.model, self.config, str(model_dir))
-        self.overlap = tuple(int(overlap * s) for s in self.spec.img_size)
+        height, width = self.spec.img_size
+        self.overlap = (int(overlap * height), int(overlap * width))
         self.tta_scales = tuple(tta_scales)
         self.device = torch.device(device)
 
@@ -230,7 +233,8 @@ class Predictor:
         if not self.spec.fixed:
             return self.model(x)
         logits = self.model(resize_input(x, self.spec.img_size))
-        return resize_output(logits, tuple(x.shape[-2:])) if logits.ndim == 4 else logits
+        size = (x.shape[-2], x.shape[-1])
+        return resize_output(logits, size) if logits.ndim == 4 else logits
 
     def _runner(self, size: tuple[int, int], options: Options) -> Runner:
         if self.spec.task == "seg" and self.spec.use_sliding(size, options):
@@ -251,9 +255,9 @@ class Predictor:
         images = images.to(self.device)
         if self.spec.task == "cls":
             images = resize_input(images, self.spec.img_size)  # a no-op after preprocess()
-        runner = self._runner(tuple(images.shape[-2:]), options)
+        runner = self._runner((images.shape[-2], images.shape[-1]), options)
         if options.tta:
-            return tta(runner, images, self.tta_scales, flip=True, task=self.spec.task)  # type: ignore[arg-type]
+            return tta(runner, images, self.tta_scales, flip=True, task=self.spec.task)
         return runner(images).float().softmax(dim=1)
 
     def run(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
@@ -295,9 +299,9 @@ class Predictor:
     def _rollout(self, x: torch.Tensor) -> torch.Tensor:
         prefix = next(
             (
-                int(m.num_prefix_tokens)
+                int(n)
                 for m in self.model.modules()
-                if hasattr(m, "num_prefix_tokens")
+                if (n := getattr(m, "num_prefix_tokens", None)) is not None
             ),
             0,
         )
@@ -307,7 +311,7 @@ class Predictor:
     def explain(
         self,
         image: torch.Tensor,
-        method: Literal["auto", "rollout", "grad_cam"] = "auto",
+        method: Method = "auto",
         target: int | None = None,
     ) -> tuple[str, np.ndarray, int]:
         """A relevance map in ``[0, 1]`` for one image ``(C, H, W)``.

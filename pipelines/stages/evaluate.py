@@ -38,11 +38,10 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from gattn.diagnostics import (
     confusion_matrix,
@@ -55,9 +54,9 @@ from gattn.inference import resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
 from gattn.models.io import CONFIG
-from pipelines.config import EvaluateParams, add_params_arguments, load_params
+from pipelines.config import EvaluateParams, Task, add_params_arguments, load_params
 from pipelines.contracts import MODEL_FIX, ModelMeta, check
-from pipelines.data import open_split, read_splits, subset
+from pipelines.data import Split, open_split, read_splits, subset
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
 from pipelines.paths import EVALUATE_REPORTS, FINETUNED, PREPARED
@@ -67,15 +66,15 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def runners(
-    model: nn.Module, task: str, size: int, p: EvaluateParams, large: bool
+    model: nn.Module, task: Task, size: int, p: EvaluateParams, large: bool
 ) -> dict[str, Runner]:
     """Name -> ``images (B, C, H, W) -> logits`` of every inference mode that applies."""
 
     def shrunk(x: torch.Tensor) -> torch.Tensor:
         out = model(resize_input(x, (size, size)))
-        return resize_output(out, tuple(x.shape[-2:])) if task == "seg" else out
+        return resize_output(out, (x.shape[-2], x.shape[-1])) if task == "seg" else out
 
-    def windows(context: str | None) -> Runner:
+    def windows(context: Literal["auto"] | None) -> Runner:
         overlap = round(p.overlap * size)
         return functools.partial(
             sliding_window,
@@ -99,7 +98,7 @@ def runners(
     return modes
 
 
-def with_tta(run: Runner, model: nn.Module, task: str, size: int, p: EvaluateParams) -> Runner:
+def with_tta(run: Runner, model: nn.Module, task: Task, size: int, p: EvaluateParams) -> Runner:
     """``run`` under multi-scale + flip TTA. A fixed-size model at the test resolution sees
     each scaled view through sliding windows of its size (segmentation; padded when smaller)
     or resized to its size (classification)."""
@@ -115,7 +114,7 @@ def with_tta(run: Runner, model: nn.Module, task: str, size: int, p: EvaluatePar
 
 @torch.no_grad()
 def score_mode(
-    run: Runner, dataset: Dataset, task: str, num_classes: int, batch_size: int
+    run: Runner, dataset: Split, task: Task, num_classes: int, batch_size: int
 ) -> dict[str, Any]:
     """Scores of ``run`` over ``dataset``, and its wall time per image.
 
@@ -137,24 +136,33 @@ def score_mode(
     return {**summarise(metrics.compute()), "ms_per_image": 1000 * statistics.median(per_image)}
 
 
-def feature_map(model: nn.Module, task: str) -> Callable[[torch.Tensor], torch.Tensor]:
+@runtime_checkable
+class _HasFeatures(Protocol):
+    """A timm-style classifier: its last feature map (or tokens) before pooling."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def feature_map(model: nn.Module, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
     """A ``(B, K, h, w)`` map for the ERF: a segmenter's logits, or a classifier's last
     feature map (tokens laid on their grid, NHWC permuted)."""
     if task == "seg":
         return model
 
     def features(x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(model, _HasFeatures):
+            raise TypeError(f"{type(model).__name__} has no forward_features: no feature map")
         out = model.forward_features(x)
         if out.ndim == 3:
             prefix = int(getattr(model, "num_prefix_tokens", 0))
-            return to_nchw(out, "tokens", tuple(x.shape[-2:]), prefix)
+            return to_nchw(out, "tokens", (x.shape[-2], x.shape[-1]), prefix)
         fmt = getattr(model, "output_fmt", "NCHW")
         return out.permute(0, 3, 1, 2) if getattr(fmt, "value", fmt) == "NHWC" else out
 
     return features
 
 
-def open_sets(spec: InputSpec, prepared: Path, max_samples: int | None) -> dict[str, Dataset]:
+def open_sets(spec: InputSpec, prepared: Path, max_samples: int | None) -> dict[str, Split]:
     """The scored sets, samples already model inputs (the serving app's preprocessing):
     ``test`` (its first ``max_samples``) at ``spec.img_size``, and ``large`` at full size
     when the prepared data has large images."""
@@ -211,7 +219,7 @@ def evaluate(
 
 
 def score_all(
-    model: nn.Module, meta: ModelMeta, sets: dict[str, Dataset], p: EvaluateParams
+    model: nn.Module, meta: ModelMeta, sets: dict[str, Split], p: EvaluateParams
 ) -> dict[str, dict[str, Any]]:
     """``{"<set>/<mode>[_tta]": scores}`` of every inference mode that applies to each set,
     with and without TTA (test images ``p.batch_size`` at a time, large images one by one)."""

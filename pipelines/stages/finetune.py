@@ -23,10 +23,9 @@ unused no-op.
 Reads ``seed``, ``tracking``, ``finetune`` from params.yaml, ``models/tune/best.json``,
 ``models/pretrained/`` and ``data/prepared/``. Writes
 
-- ``models/finetuned/``: a :func:`gattn.models.save_model` folder (meta: ``task``,
-  ``classes``, ``img_size``, ``metric``, ``best_score``, ``registered: {name, version}``),
-  also registered in the MLflow Model Registry under ``tracking.model_name`` with alias
-  ``champion``;
+- ``models/finetuned/``: a :func:`gattn.models.save_model` folder whose meta is a
+  :class:`pipelines.contracts.ModelMeta`, also registered in the MLflow Model Registry under
+  ``tracking.model_name`` with alias ``champion``;
 - ``reports/finetune/``: ``metrics.json``, ``history.csv`` (per epoch: train loss, validation
   metric) and ``init.json`` (which pretrained keys were loaded).
 """
@@ -46,15 +45,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from gattn.data import IGNORE_INDEX
 from gattn.data.views import seg_eval_transform, seg_train_transform
-from gattn.models import build_model, save_model
+from gattn.models import Segmenter, build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
-from pipelines.config import FinetuneParams, ParamsError, add_params_arguments, load_params
+from pipelines.config import FinetuneParams, ParamsError, Task, add_params_arguments, load_params
 from pipelines.contracts import BEST_FIX, BestEntry, BestFile, ModelMeta, read_file
 from pipelines.data import (
+    Split,
     data_fingerprint,
     load_tensors,
     native_size,
@@ -63,7 +64,7 @@ from pipelines.data import (
     subset,
 )
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.metrics import IGNORE_INDEX, METRIC, class_weights, score, score_resized
+from pipelines.metrics import METRIC, class_weights, score, score_resized
 from pipelines.paths import BEST_JSON, FINETUNE_REPORTS, FINETUNED, PREPARED, PRETRAINED
 from pipelines.train.loop import HISTORY, Hooks, train, unwrap
 from pipelines.train.trainer import fit_torch_trainer
@@ -116,7 +117,7 @@ def compare_with_search(
     best: BestFile,
     entry: BestEntry,
     prepared: Path,
-    task: str,
+    task: Task,
     num_classes: int,
     size: int,
 ) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def param_groups(
 
 def train_transform(p: FinetuneParams, img_size: int) -> Any:
     """Random crop (``crop_scale``) resized to ``img_size``, optional flip; joint for masks."""
-    return seg_train_transform(img_size, scale=tuple(p.crop_scale), hflip=p.hflip)
+    return seg_train_transform(img_size, scale=p.crop_scale, hflip=p.hflip)
 
 
 def takes_context(model: nn.Module) -> bool:
@@ -265,7 +266,7 @@ class FinetuneHooks(Hooks):
         self.best: dict[str, torch.Tensor] = {}  # weights of the best epoch so far (CPU)
         self.weight: torch.Tensor | None = None
 
-    def build(self) -> tuple[nn.Module, Dataset, int]:
+    def build(self) -> tuple[nn.Module, Split, int]:
         p, config, size = self.p, self.config, self.config["img_size"]
         model = build_model(config["model"])
         initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
@@ -273,7 +274,7 @@ class FinetuneHooks(Hooks):
         train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
         self.val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
         if p.balance_classes:  # the all-background answer must not be the cheapest one
-            targets = torch.cat([torch.as_tensor(t).flatten() for _, t in train])
+            targets = torch.cat([torch.as_tensor(train[i][1]).flatten() for i in range(len(train))])
             self.weight = class_weights(targets, self.num_classes)
         self.use_context = p.context_crop > 0 and self.task == "seg" and takes_context(model)
         self.generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.rank)
@@ -299,7 +300,9 @@ class FinetuneHooks(Hooks):
         p = self.p
         if self.use_context and float(torch.rand(1, generator=self.generator)) < p.context_crop:
             # Global feedback: the head sees a window, the context the whole image.
-            context = unwrap(model).encode_context(images)
+            segmenter = unwrap(model)
+            assert isinstance(segmenter, Segmenter)  # use_context: takes_context(model)
+            context = segmenter.encode_context(images)
             images, targets = window_view(images, targets, p.context_crop_scale, self.generator)
             hook = None
             if not p.context_crop_encoder_grad:
@@ -433,7 +436,9 @@ def loop_config(
     }
 
 
-def best_model(result: Any, config: dict[str, Any]) -> tuple[nn.Module, list[dict], LoadReport]:
+def best_model(
+    result: Any, config: dict[str, Any]
+) -> tuple[nn.Module, list[dict[str, Any]], LoadReport]:
     """The model with the best epoch's weights from the run's last checkpoint, the run's
     history, and the report of its pretrained initialisation."""
     cfg = config["model"]
@@ -457,7 +462,11 @@ HISTORY_COLUMNS = [
 
 
 def write_reports(
-    reports_dir: Path, p: FinetuneParams, history: list[dict], init: dict, metrics: dict
+    reports_dir: Path,
+    p: FinetuneParams,
+    history: list[dict[str, Any]],
+    init: dict[str, Any],
+    metrics: dict[str, Any],
 ) -> None:
     """``history.csv``, ``init.json`` and ``metrics.json`` under ``reports_dir``."""
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -468,7 +477,11 @@ def write_reports(
 
 
 def stage_metrics(
-    meta: ModelMeta, history: list[dict], init: dict, wall: float, comparison: dict
+    meta: ModelMeta,
+    history: list[dict[str, Any]],
+    init: dict[str, Any],
+    wall: float,
+    comparison: dict[str, Any],
 ) -> dict[str, Any]:
     """The stage's ``metrics.json``: the chosen epoch, the training figures, how much of the
     pretrained encoder was loaded, and the comparison with the search's trial."""
@@ -490,6 +503,36 @@ def stage_metrics(
         "wall_s": wall,
         **comparison,
     }
+
+
+def model_meta(
+    config: dict[str, Any], history: list[dict[str, Any]], budget: str, entry: BestEntry
+) -> ModelMeta:
+    """The model folder's meta: task, classes, input size, and the best epoch of ``history``
+    (ties: the first) with its validation score, the budget and the searched trial."""
+    task = config["task"]
+    best_row = max(history, key=lambda h: h["val_metric"])
+    return ModelMeta(
+        task=task,
+        classes=config["classes"],
+        img_size=config["img_size"],
+        metric=METRIC[task],
+        best_score=float(best_row["val_metric"]),
+        best_epoch=int(best_row["epoch"]),
+        budget_gib=float(budget),
+        trial=entry.trial,
+        run_name=config["run_name"],
+    )
+
+
+def register_model(work: Path, model_name: str) -> dict[str, Any]:
+    """Register the model folder ``work`` under ``model_name`` (alias ``champion``) and record
+    the version in its meta. The stage does this last, so a failed stage registers nothing."""
+    from pipelines.registry import register
+
+    registered = {"name": model_name, "version": register(work, model_name)}
+    write_json(work / CONFIG, {**read_config(work), "registered": registered})
+    return registered
 
 
 def finetune(
@@ -519,8 +562,6 @@ def finetune(
         fail_at_epoch: Fault injection for tests (see
             :func:`pipelines.stages.pretrain.pretrain`).
     """
-    from pipelines.registry import register
-
     best, budget, entry = load_best(best_json, p.budget_gib)
     config = loop_config(p, seed, entry, pretrained, Path(prepared), fail_at_epoch)
     name, storage = config["run_name"], Path(config["storage"])
@@ -532,28 +573,14 @@ def finetune(
     comparison = compare_with_search(
         model, best, entry, Path(prepared), task, config["num_classes"], size
     )
-    best_row = max(history, key=lambda h: h["val_metric"])
-    meta = ModelMeta(
-        task=task,
-        classes=config["classes"],
-        img_size=size,
-        metric=METRIC[task],
-        best_score=float(best_row["val_metric"]),
-        best_epoch=int(best_row["epoch"]),
-        budget_gib=float(budget),
-        trial=entry.trial,
-        run_name=name,
-    )
+    meta = model_meta(config, history, budget, entry)
     work = staging_dir(Path(out_dir))
     save_model(model, config["model"], work, **meta.model_dump(mode="json", exclude={"registered"}))
     init = report.to_dict()
     metrics = stage_metrics(meta, history, init, wall, comparison)
     write_reports(Path(reports_dir), p, history, init, metrics)
     check_against_search(comparison, p.search_tolerance)
-    registered = None
-    if model_name:  # last, so that a failed stage registers nothing
-        registered = {"name": model_name, "version": register(work, model_name)}
-        write_json(work / CONFIG, {**read_config(work), "registered": registered})
+    registered = register_model(work, model_name) if model_name else None  # last
     publish_dir(work, Path(out_dir))
     return {
         "metrics": metrics,

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
 from gattn.data import (
     ImageFolderDataset,
@@ -34,7 +33,7 @@ from gattn.data import (
     oriented_size,
 )
 from gattn.diagnostics import sample_grid
-from pipelines.config import Params, add_params_arguments, load_params
+from pipelines.config import Params, Task, add_params_arguments, load_params
 from pipelines.data import GENERATED, SPLITS
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARE_REPORTS, PREPARED, SPLITS_JSON
@@ -53,7 +52,10 @@ def split_indices(n: int, val: float, test: float, seed: int) -> dict[str, list[
     }
 
 
-def _index(params: Params, work: Path) -> tuple[Dataset, Path, str]:
+FullSet = SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset
+
+
+def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
     """Build (or generate, then open) the full data set. Returns (dataset, root, kind)."""
     d = params.data
     if d.task in GENERATED:
@@ -66,10 +68,12 @@ def _index(params: Params, work: Path) -> tuple[Dataset, Path, str]:
             flush=True,
         )
         return SyntheticDataset(root), root, manifest["kind"]
-    root = Path(d.root).resolve()  # type: ignore[arg-type]
+    if d.root is None:  # DataParams refuses a folder-* task without a root
+        raise ValueError(f"data.root: required for data.task {d.task!r}")
+    root = Path(d.root).resolve()
     if d.task == "folder-cls":
         return ImageFolderDataset(root), root, "cls"
-    return SegmentationFolderDataset(root, num_classes=d.num_classes), root, "seg"  # type: ignore[arg-type]
+    return SegmentationFolderDataset(root, num_classes=d.num_classes), root, "seg"
 
 
 def _class_names(dataset: Any, kind: str) -> list[str]:
@@ -98,9 +102,9 @@ def class_balance(dataset: Any, indices: list[int]) -> list[float]:
     return (counts / max(1, counts.sum())).tolist()
 
 
-def _image_sizes(dataset: Any) -> Counter:
+def _image_sizes(dataset: FullSet) -> Counter[str]:
     """How many images have each ``WxH`` (as shown, after EXIF orientation)."""
-    sizes: Counter = Counter()
+    sizes: Counter[str] = Counter()
     for path, _ in dataset.samples:
         with Image.open(path) as im:
             width, height = oriented_size(im)
@@ -126,7 +130,39 @@ def _write_balance_csv(path: Path, names: list[str], balance: dict[str, list[flo
     write_csv(path, rows, ["split", "class", "fraction"])
 
 
-def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = PREPARE_REPORTS) -> dict:
+def write_splits(
+    work: Path,
+    params: Params,
+    dataset: FullSet,
+    root: Path,
+    kind: Task,
+    names: list[str],
+    splits: dict[str, list[int]],
+) -> None:
+    """``splits.json`` in the staging folder ``work``: the task, its classes, where the images
+    live (relative to the prepared folder when generated into it) and each split's image
+    paths relative to that root."""
+
+    def rel(i: int) -> str:
+        return Path(dataset.samples[i][0]).relative_to(root).as_posix()
+
+    in_work = root.is_relative_to(work)
+    write_json(
+        work / SPLITS_JSON,
+        {
+            "task": params.data.task,
+            "kind": kind,
+            "classes": names,
+            "root": root.relative_to(work).as_posix() if in_work else str(root),
+            "large": "large" if (work / "large").is_dir() else None,
+            **{s: [rel(i) for i in splits[s]] for s in SPLITS},
+        },
+    )
+
+
+def prepare(
+    params: Params, out_dir: Path = PREPARED, reports_dir: Path = PREPARE_REPORTS
+) -> dict[str, Any]:
     """Run the stage; returns the report (also written to ``reports_dir``)."""
     d = params.data
     out_dir, reports_dir = Path(out_dir), Path(reports_dir)
@@ -145,21 +181,7 @@ def prepare(params: Params, out_dir: Path = PREPARED, reports_dir: Path = PREPAR
             **d.generator,
         )
 
-    def rel(i: int) -> str:
-        return Path(dataset.samples[i][0]).relative_to(root).as_posix()
-
-    in_work = root.is_relative_to(work)
-    write_json(
-        work / SPLITS_JSON,
-        {
-            "task": d.task,
-            "kind": kind,
-            "classes": names,
-            "root": root.relative_to(work).as_posix() if in_work else str(root),
-            "large": "large" if (work / "large").is_dir() else None,
-            **{s: [rel(i) for i in splits[s]] for s in SPLITS},
-        },
-    )
+    write_splits(work, params, dataset, root, kind, names, splits)
 
     balance = {s: class_balance(dataset, splits[s]) for s in SPLITS}
     reports_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from gattn.data.views import MultiCropViews, mae_view, to_float
@@ -51,7 +51,7 @@ from gattn.ssl.curves import curves_figure, dino_collapse_references
 from gattn.ssl.dino import momentum_schedule
 from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
 from pipelines.config import PretrainParams, add_params_arguments, load_params
-from pipelines.data import data_fingerprint, open_split, read_splits, subset
+from pipelines.data import Split, data_fingerprint, open_split, read_splits, subset
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARED, PRETRAIN_REPORTS, PRETRAINED
 from pipelines.train.loop import HISTORY, WEIGHTS, Hooks, means, train, unwrap
@@ -108,12 +108,18 @@ def encoder_config(p: PretrainParams) -> dict[str, Any]:
     return cfg
 
 
-def build_objective(p: PretrainParams, cfg: dict[str, Any]) -> nn.Module:
+Objective = MaskedAutoencoder | DINO
+
+
+def build_objective(p: PretrainParams, cfg: dict[str, Any]) -> Objective:
     """The trained module: :class:`MaskedAutoencoder` or :class:`DINO` around the encoder."""
     if p.method == "mae":
         m = p.mae
+        encoder = build_model(cfg)
+        if not isinstance(encoder, VisionTransformer):
+            raise TypeError(f"encoder must be a timm VisionTransformer, got {type(encoder)}")
         return MaskedAutoencoder(
-            build_model(cfg),
+            encoder,
             decoder_dim=m.decoder_dim,
             decoder_depth=m.decoder_depth,
             decoder_heads=m.decoder_heads,
@@ -141,7 +147,7 @@ def train_view(p: PretrainParams) -> ImageOnly:
     return ImageOnly(crops)
 
 
-def train_split(p: PretrainParams, prepared: Path, transform: Any) -> Dataset:
+def train_split(p: PretrainParams, prepared: Path, transform: Any) -> Split:
     return subset(open_split("train", prepared, transform), p.max_samples)
 
 
@@ -160,7 +166,7 @@ class PretrainHooks(Hooks):
         self.history = {"epochs": [], "steps": []}
         self.dino_loss: DINOLoss | None = None
 
-    def build(self) -> tuple[nn.Module, Dataset, int]:
+    def build(self) -> tuple[nn.Module, Split, int]:
         p = self.p
         model = build_objective(p, self.config["model"])
         if p.method == "dino":
@@ -201,8 +207,9 @@ class PretrainHooks(Hooks):
         return loss, views[0][0].shape[0], [stats[k] for k in STEP_STATS]
 
     def after_step(self, model: nn.Module, step: int, lr: float, figures: torch.Tensor) -> None:
-        if self.dino_loss is not None:
-            unwrap(model).update_teacher(float(self.momentum[min(step, self.total_steps - 1)]))
+        dino = unwrap(model)
+        if isinstance(dino, DINO):
+            dino.update_teacher(float(self.momentum[min(step, self.total_steps - 1)]))
         self.window += figures
         if (step + 1) % self.p.log_every_n_steps == 0 or step + 1 == self.total_steps:
             mean = means(mean_over_workers(self.window, self.device), self)  # on every worker
@@ -213,6 +220,8 @@ class PretrainHooks(Hooks):
         self.history["epochs"].append(row)
 
     def save(self, model: nn.Module, folder: Path) -> dict[str, Any]:
+        if not isinstance(model, Objective):  # what build() made
+            raise TypeError(f"not a pretraining objective: {type(model).__name__}")
         encoder = {k: v.detach().contiguous().cpu() for k, v in model.encoder_state_dict().items()}
         save_file(encoder, str(folder / ENCODER))
         return {"loss": self.dino_loss.state_dict() if self.dino_loss is not None else {}}
@@ -285,12 +294,12 @@ def probe(
     for tag, state in (("", load_file(str(weights))), ("_random", initial)):
         encoder = build_model(cfg)
         encoder.load_state_dict(state)
-        sets = [
+        fit_on, scored = (
             extract_features(encoder, DataLoader(ds, batch_size=q.batch_size))
             for ds in (train, query)
-        ]
+        )
         acc = probe_accuracies(
-            *sets, q.k, q.temperature, q.weight_decay, num_classes=len(info["classes"])
+            fit_on, scored, q.k, q.temperature, q.weight_decay, num_classes=len(info["classes"])
         )
         out |= {f"probe_{name}{tag}": value for name, value in acc.items()}
     for m in ("knn", "linear"):
@@ -323,27 +332,12 @@ def pretrain(
     name = run_name(p, seed, data_fingerprint(prepared))
     cfg = encoder_config(p)
     storage.mkdir(parents=True, exist_ok=True)
-    result, wall = fit_torch_trainer(
-        train_loop,
-        {
-            "params": p.model_dump(mode="json"),
-            "seed": seed,
-            "model": cfg,
-            "prepared": str(prepared.resolve()),
-            "fail_at_epoch": fail_at_epoch,
-            "fail_flag": str(storage / f"{name}.injected-failure"),
-        },
-        p,
-        name,
-        storage,
-    )
+    fail_flag = storage / f"{name}.injected-failure"
+    config = loop_config(p, seed, cfg, prepared, fail_at_epoch, fail_flag)
+    result, wall = fit_torch_trainer(train_loop, config, p, name, storage)
     work = staging_dir(out_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        history = json.loads((Path(d) / HISTORY).read_text())
-        shutil.copy(Path(d) / ENCODER, work / ENCODER)
-        if p.method == "mae":
-            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "objective.png")
+    history = export(result, p, cfg, prepared, work, reports_dir)
     epochs, steps = history["epochs"], history["steps"]
     write_json(
         work / "config.json",
@@ -351,15 +345,7 @@ def pretrain(
     )
     write_csv(reports_dir / "loss_curve.csv", epochs, list(epochs[-1]))
     _step_figures(p, steps, reports_dir)
-    final = epochs[-1]
-    metrics = {
-        "epochs": int(final["epoch"]),
-        "loss": float(final["loss"]),
-        "first_epoch_loss": float(epochs[0]["loss"]),
-        "images_per_s": float(final["images_per_s"]),
-        "resumed_from_epoch": int(final["start_epoch"]),
-        "wall_s": wall,
-    }
+    metrics = stage_metrics(epochs, wall)
     if p.probe.enabled:
         metrics |= probe(p, cfg, seed, work / ENCODER, prepared)
     write_json(reports_dir / "metrics.json", metrics)
@@ -370,6 +356,57 @@ def pretrain(
         "steps": steps,
         "run_name": name,
         "storage": str(storage),
+    }
+
+
+def loop_config(
+    p: PretrainParams,
+    seed: int,
+    cfg: dict[str, Any],
+    prepared: Path,
+    fail_at_epoch: int | None,
+    fail_flag: Path,
+) -> dict[str, Any]:
+    """The workers' config (:class:`PretrainHooks`): the section, the seed, the encoder's
+    config, the data, and the tests' fault injection (:func:`pretrain`'s ``fail_at_epoch``)."""
+    return {
+        "params": p.model_dump(mode="json"),
+        "seed": seed,
+        "model": cfg,
+        "prepared": str(prepared.resolve()),
+        "fail_at_epoch": fail_at_epoch,
+        "fail_flag": str(fail_flag),
+    }
+
+
+def export(
+    result: Any,
+    p: PretrainParams,
+    cfg: dict[str, Any],
+    prepared: Path,
+    work: Path,
+    reports_dir: Path,
+) -> dict[str, Any]:
+    """From the run's last checkpoint: the encoder's weights into ``work`` and, for MAE, the
+    reconstruction figure; returns the run's history (``epochs`` and ``steps`` rows)."""
+    with result.checkpoint.as_directory() as d:
+        history: dict[str, Any] = json.loads((Path(d) / HISTORY).read_text())
+        shutil.copy(Path(d) / ENCODER, work / ENCODER)
+        if p.method == "mae":
+            _reconstruction(p, cfg, Path(d), prepared, reports_dir / "objective.png")
+    return history
+
+
+def stage_metrics(epochs: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The training figures of ``metrics.json`` (the probe adds its accuracies)."""
+    final = epochs[-1]
+    return {
+        "epochs": int(final["epoch"]),
+        "loss": float(final["loss"]),
+        "first_epoch_loss": float(epochs[0]["loss"]),
+        "images_per_s": float(final["images_per_s"]),
+        "resumed_from_epoch": int(final["start_epoch"]),
+        "wall_s": wall,
     }
 
 

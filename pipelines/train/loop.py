@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 
 from gattn.models.io import cpu_state_dict
 from gattn.ssl.schedules import warmup_cosine
+from pipelines.data import Split
 from pipelines.train.trainer import begin_epoch, checkpoint_dir, mean_over_workers, worker_loader
 
 WEIGHTS, STATE, HISTORY = "model.safetensors", "state.pt", "history.json"
@@ -44,15 +44,14 @@ def warmup_cosine_scheduler(
     optimizer: torch.optim.Optimizer, total: int, warmup: float, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` of the peak at step
-    ``total``, for each parameter group scaled by its ``lr_scale`` (default 1)."""
+    ``total``, for each parameter group scaled by its ``lr_scale`` (default 1). The one
+    schedule of every training: this loop's, and each tune trial's."""
+
+    def factor(scale: float) -> Callable[[int], float]:
+        return lambda step: scale * warmup_cosine(step, total, 1.0, min_ratio, warmup)
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        [
-            lambda s, scale=g.get("lr_scale", 1.0): (
-                scale * warmup_cosine(s, total, 1.0, min_ratio, warmup)
-            )
-            for g in optimizer.param_groups
-        ],
+        optimizer, [factor(g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
     )
 
 
@@ -78,7 +77,7 @@ class Hooks:
         self.device = torch.device("cpu")
 
     # -- set-up ---------------------------------------------------------------------------
-    def build(self) -> tuple[nn.Module, Dataset, int]:
+    def build(self) -> tuple[nn.Module, Split, int]:
         """The model (seeded: the loop has called ``torch.manual_seed``), the training set
         and the per-worker batch size."""
         raise NotImplementedError
@@ -161,7 +160,12 @@ def _restore(model: nn.Module, hooks: Hooks) -> dict[str, Any] | None:
 
 
 def _checkpoint(
-    model: nn.Module, hooks: Hooks, optimizer: Any, scheduler: Any, epoch: int, row: dict
+    model: nn.Module,
+    hooks: Hooks,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    row: dict[str, Any],
 ) -> None:
     """End an epoch: rank 0 completes ``row`` and writes the checkpoint; every worker
     reports (Ray Train needs each worker's report)."""

@@ -17,21 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from pipelines.data import Sample, Split
 
 
-def worker_loader(dataset: Dataset, batch_size: int, world: int) -> tuple[DataLoader, int]:
+def worker_loader(dataset: Split, batch_size: int, world: int) -> tuple[DataLoader[Sample], int]:
     """A shuffling loader over ``dataset`` for one of ``world`` workers (before
     ``prepare_data_loader`` shards it) and the steps one epoch takes per worker. The last
     partial batch is dropped only when every worker still gets a full one."""
-    drop_last = len(dataset) >= batch_size * world  # type: ignore[arg-type]
+    drop_last = len(dataset) >= batch_size * world
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
-    n = len(dataset)  # type: ignore[arg-type]
+    n = len(dataset)
     steps = n // world // batch_size if drop_last else math.ceil(n / world / batch_size)
     return loader, steps
 
 
-def begin_epoch(config: dict[str, Any], epoch: int, rank: int, loader: DataLoader) -> None:
+def begin_epoch(config: dict[str, Any], epoch: int, rank: int, loader: DataLoader[Sample]) -> None:
     """Start ``epoch`` (0-based) of a train loop: reshuffle the distributed sampler, after the
     fault injection of the tests (``config["fail_at_epoch"]``, 1-based: the rank-0 worker
     raises once there, leaving ``config["fail_flag"]`` so the resumed run goes on)."""
@@ -40,9 +42,9 @@ def begin_epoch(config: dict[str, Any], epoch: int, rank: int, loader: DataLoade
         if not flag.exists():
             flag.write_text(f"failed once at epoch {epoch + 1}\n")
             raise RuntimeError(f"injected worker failure at epoch {epoch + 1}")
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(loader.sampler, "set_epoch", None)  # a DistributedSampler's
+    if set_epoch is not None:
+        set_epoch(epoch)
 
 
 def mean_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tensor:

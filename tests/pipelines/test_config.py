@@ -129,3 +129,15 @@ def test_task_and_data_keys_must_fit(tmp_path: Path) -> None:
     point = POINT.replace("head: fcn, ", "")  # classification: no head knob
     text = f"data:\n  task: pathfinder\ntune:\n  points_to_evaluate: [{point}]\n"
     assert load_params(write(tmp_path, text)).tune.points("cls")[0]["module"] == "ppm"
+
+
+def test_serve_app_args_are_the_serve_sections_request_settings() -> None:
+    """AppArgs declares each of APP_FIELDS with ServeParams's type, default and checks."""
+    from pipelines.config import ServeParams
+    from pipelines.contracts import APP_FIELDS, AppArgs
+
+    assert tuple(AppArgs.model_fields) == ("model", "tracking_uri", *APP_FIELDS)
+    for name in APP_FIELDS:
+        ours, theirs = AppArgs.model_fields[name], ServeParams.model_fields[name]
+        assert ours.annotation == theirs.annotation, name
+        assert ours.default == theirs.default and ours.metadata == theirs.metadata, name

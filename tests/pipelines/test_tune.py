@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 import yaml
 
 from gattn.budget import estimate_peak_memory, profiled_peak_memory
+from gattn.ssl.schedules import warmup_cosine
 from pipelines.cli import main
 from pipelines.config import ParamsError, TuneParams
 from pipelines.stages.tune import results, scheduler, space, stage, trial
@@ -65,12 +68,19 @@ def tiny(**overrides) -> TuneParams:
 
 
 @pytest.fixture(scope="module")
-def context(prepared: Path) -> dict:
+def context(prepared: Path) -> trial.TrialContext:
     return stage.data_context(prepared, None, tiny(), seed=0)
 
 
+def test_the_trial_context_survives_pickling(context: trial.TrialContext) -> None:
+    """``tune.with_parameters`` puts the context into Ray's object store (a pickle)."""
+    copy = pickle.loads(pickle.dumps(context))
+    assert copy.params == context.params and (copy.kind, copy.seed) == (context.kind, 0)
+    assert all(torch.equal(a, b) for a, b in zip(copy.train, context.train, strict=True))
+
+
 def test_over_budget_trial_is_skipped_without_training(
-    context: dict, monkeypatch: pytest.MonkeyPatch
+    context: trial.TrialContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
     monkeypatch.setattr(trial, "train_epoch", lambda *a, **k: calls.append(a))
@@ -83,7 +93,7 @@ def test_over_budget_trial_is_skipped_without_training(
     assert len(reports) == 1 and reports[0]["quality"] == 0.0
 
 
-def test_feasible_trial_trains_and_measures(context: dict) -> None:
+def test_feasible_trial_trains_and_measures(context: trial.TrialContext) -> None:
     reports: list[dict] = []
     row = trial.run_trial(SAMPLE, context, reports.append)
     assert row["status"] == "ok", row.get("traceback")
@@ -96,13 +106,13 @@ def test_feasible_trial_trains_and_measures(context: dict) -> None:
 
 
 def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
-    context: dict, monkeypatch: pytest.MonkeyPatch
+    context: trial.TrialContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same sample, context and seed: the same figures to the last digit and the same
     weights; every step's learning rate is finetune's warm-up + cosine at the sample's peak."""
     p = tiny(epochs=3, warmup_epochs=1.0, min_lr_ratio=0.1)
-    ctx = {**context, "params": p.model_dump(mode="json")}
-    cfg = space.model_config(SAMPLE, p, ctx["kind"], ctx["num_classes"], ctx["in_chans"])
+    ctx = dataclasses.replace(context, params=p)
+    cfg = space.model_config(SAMPLE, p, ctx.kind, ctx.num_classes, ctx.in_chans)
     lrs: list[float] = []
     step = trial.train_step
 
@@ -114,7 +124,7 @@ def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
 
     def train(seed: int) -> tuple[dict, dict]:
         row: dict = {"steps": 0}
-        c = {**ctx, "seed": seed}
+        c = dataclasses.replace(ctx, seed=seed)
         model = trial.train_config(SAMPLE, c, p, dict(cfg), torch.device("cpu"), row, print)
         return row, model.state_dict()
 
@@ -125,13 +135,13 @@ def test_a_trial_is_deterministic_and_follows_the_warmup_cosine_schedule(
 
     total, per_epoch = a["steps"], a["steps"] // 3
     peak = SAMPLE["lr"]
-    expected = [peak * trial.warmup_cosine(s, total, 1.0, 0.1, per_epoch) for s in range(total)]
+    expected = [peak * warmup_cosine(s, total, 1.0, 0.1, per_epoch) for s in range(total)]
     assert lrs[:total] == pytest.approx(expected)
     assert max(lrs) == pytest.approx(peak, rel=0.05) and lrs[total - 1] < 0.5 * peak
 
 
 def test_crashing_and_oom_trials_are_recorded(
-    context: dict, monkeypatch: pytest.MonkeyPatch
+    context: trial.TrialContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     row = trial.run_trial(CRASH, context, lambda r: None)
     assert row["status"] == "error" and "gridding" in row["error"]

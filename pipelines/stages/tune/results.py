@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gattn.budget.recommend import best_fitting
-from pipelines.config import TuneParams
+from pipelines.config import Task, TuneParams
 from pipelines.contracts import BestFile
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import METRIC
@@ -219,7 +219,7 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
 def write_outputs(
     rows: Sequence[dict[str, Any]],
     p: TuneParams,
-    kind: str,
+    kind: Task,
     wall: float,
     out_dir: Path,
     reports_dir: Path,
@@ -238,12 +238,30 @@ def write_outputs(
     trained = [point(r) for r in rows if r["status"] == "ok"]
     front = pareto_front(trained)
     per_budget = best_per_budget(trained, budgets)
+    work = staging_dir(out_dir)
+    best = best_file(per_budget, budgets, p.select_budget, kind, measured_on)
+    write_json(work / BEST_JSON.name, best.model_dump(mode="json", exclude_unset=True))
+    write_reports(rows, front, budgets, kind, reports_dir)
+    metrics = sweep_metrics(rows, trained, front, per_budget, budgets, wall)
+    write_json(reports_dir / "metrics.json", metrics)
+    publish_dir(work, out_dir)
+    return metrics
+
+
+def best_file(
+    per_budget: Mapping[str, Mapping[str, Any] | None],
+    budgets: list[float],
+    select_budget: float | None,
+    kind: Task,
+    measured_on: Mapping[str, Any] | None,
+) -> BestFile:
+    """``best.json``: the best config per budget and the budget the finetune stage trains
+    (``select_budget``, else the largest budget with a config, else the largest)."""
     chosen = [b for b in budgets if per_budget[_key(b)] is not None]
     selected = (
-        p.select_budget if p.select_budget is not None else (chosen[-1] if chosen else budgets[-1])
+        select_budget if select_budget is not None else (chosen[-1] if chosen else budgets[-1])
     )
-    work = staging_dir(out_dir)
-    best = BestFile.model_validate(
+    return BestFile.model_validate(
         {
             "task": kind,
             "measured_on": dict(measured_on or {}),
@@ -252,7 +270,16 @@ def write_outputs(
             "selected_budget": _key(selected),
         }
     )
-    write_json(work / BEST_JSON.name, best.model_dump(mode="json", exclude_unset=True))
+
+
+def write_reports(
+    rows: Sequence[dict[str, Any]],
+    front: list[Mapping[str, Any]],
+    budgets: list[float],
+    kind: Task,
+    reports_dir: Path,
+) -> None:
+    """``trials.csv``, the Pareto front as ``pareto.csv``/``pareto.json``, and ``pareto.png``."""
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_csv(reports_dir / "trials.csv", [_flat(r) for r in rows], TRIAL_COLUMNS)
     write_csv(
@@ -264,13 +291,25 @@ def write_outputs(
         reports_dir / "pareto.json",
         {
             "task": kind,
-            "metric": "miou" if kind == "seg" else "accuracy",
+            "metric": METRIC[kind],
             "budgets_gib": budgets,
             "objectives": {"quality": "max", "peak_memory_gib": "min", "images_per_s": "max"},
             "points": front,
         },
     )
     pareto_figure(rows, front, budgets, reports_dir / "pareto.png")
+
+
+def sweep_metrics(
+    rows: Sequence[Mapping[str, Any]],
+    trained: Sequence[Mapping[str, Any]],
+    front: Sequence[Mapping[str, Any]],
+    per_budget: Mapping[str, Mapping[str, Any] | None],
+    budgets: list[float],
+    wall: float,
+) -> dict[str, Any]:
+    """The stage's ``metrics.json``: trial counts by status, the best quality overall and per
+    budget, and how far the memory estimate was from the measured peak."""
     counts = {
         s: sum(r["status"] == s for r in rows)
         for s in ("ok", "infeasible", "error", "oom", "stopped")
@@ -280,7 +319,7 @@ def write_outputs(
         for t in trained
         if t["peak_memory_gib"] > 0
     ]
-    metrics = {
+    return {
         "num_trials": len(rows),
         **{f"num_{k}": v for k, v in counts.items()},
         "num_pareto": len(front),
@@ -292,9 +331,6 @@ def write_outputs(
         "estimate_max_rel_error": max(errors, default=0.0),
         "wall_s": wall,
     }
-    write_json(reports_dir / "metrics.json", metrics)
-    publish_dir(work, out_dir)
-    return metrics
 
 
 def log_trials(rows: Sequence[Mapping[str, Any]], experiment_id: str, parent_id: str) -> None:

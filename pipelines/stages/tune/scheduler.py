@@ -27,7 +27,7 @@ def points_run_to_end(
     one of ``points`` before ``max_t``."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    class PointsRunToEnd(ASHAScheduler):  # type: ignore[misc]  # Ray's classes are untyped
+    class PointsRunToEnd(ASHAScheduler):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
             action: str = super().on_trial_result(tune_controller, trial, result)
             early = result.get(time_attr, max_t) < max_t

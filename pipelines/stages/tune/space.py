@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from gattn import modules as registry
-from gattn.models import build_model, model_stages
-from pipelines.config import ParamsError, TuneParams
+from gattn.models import Segmenter, build_model, model_stages
+from pipelines.config import ParamsError, Task, TuneParams
 
 ATTENTION_BLOCKS = ("global_attn", "global_tokens", "window_attn", "shifted_window_attn")
 
@@ -42,7 +42,7 @@ def check_params(p: TuneParams) -> None:
         raise ParamsError(f"tune.heads: unknown head(s) {bad}; valid: {sorted(HEADS)}")
 
 
-def search_space(p: TuneParams, task: str) -> dict[str, Any]:
+def search_space(p: TuneParams, task: Task) -> dict[str, Any]:
     """The Tune search space of ``p`` for a task kind (:meth:`TuneParams.choices`: categorical
     knobs, ``head`` for segmentation only) and a log-uniform learning rate."""
     from ray import tune
@@ -57,7 +57,7 @@ def search_space(p: TuneParams, task: str) -> dict[str, Any]:
 
 
 def model_config(
-    sample: Mapping[str, Any], p: TuneParams, task: str, num_classes: int, in_chans: int
+    sample: Mapping[str, Any], p: TuneParams, task: Task, num_classes: int, in_chans: int
 ) -> dict[str, Any]:
     """The :func:`gattn.models.build_model` config a sample describes.
 
@@ -78,7 +78,8 @@ def model_config(
     module = sample["module"]
     if module != "none":
         probe = build_model({**cfg, "num_classes": max(1, num_classes)})
-        stages = len(model_stages(probe.encoder if task == "seg" else probe))
+        backbone = probe.encoder if isinstance(probe, Segmenter) else probe  # seg: a Segmenter
+        stages = len(model_stages(backbone))
         stage = stages if sample["position"] == "last" else max(1, stages - 1)
         options = dict(p.module_sizes[sample["module_size"]].get(module, {}))
         if module in ATTENTION_BLOCKS:

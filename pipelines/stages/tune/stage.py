@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,10 @@ from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
 from pipelines.stages.tune.results import log_trials, trial_row, write_outputs
 from pipelines.stages.tune.scheduler import points_run_to_end
 from pipelines.stages.tune.space import check_params, search_space, trial_id
-from pipelines.stages.tune.trial import trainable
+from pipelines.stages.tune.trial import TrialContext, trainable
 
 
-def data_context(
-    prepared: Path, pretrained: Path | None, p: TuneParams, seed: int
-) -> dict[str, Any]:
+def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: int) -> TrialContext:
     """What every trial shares: data tensors (at the data's own size; each trial resizes to
     its resolution), classes, channels, the pretrained encoder and the device."""
     info = read_splits(prepared)
@@ -37,23 +34,21 @@ def data_context(
     train_x, train_y, kind = load_tensors(prepared, "train", p.max_train_samples, size)
     val_x, val_y, _ = load_tensors(prepared, "val", p.max_val_samples, size)
     use_gpu = p.gpus_per_trial > 0 and torch.cuda.is_available()
-    return {
-        "params": p.model_dump(mode="json"),
-        "seed": seed,
-        "kind": kind,
-        "num_classes": len(info["classes"]),
-        "in_chans": int(train_x.shape[1]),
-        "train": (train_x, train_y),
-        "val": (val_x, val_y),
-        "pretrained": read_encoder(pretrained) if (p.pretrained and pretrained) else None,
-        "device": "cuda" if use_gpu else "cpu",
-        "threads": p.cpus_per_trial,
-    }
+    return TrialContext(
+        params=p,
+        seed=seed,
+        kind=kind,
+        num_classes=len(info["classes"]),
+        in_chans=int(train_x.shape[1]),
+        train=(train_x, train_y),
+        val=(val_x, val_y),
+        pretrained=read_encoder(pretrained) if (p.pretrained and pretrained) else None,
+        device="cuda" if use_gpu else "cpu",
+        threads=p.cpus_per_trial,
+    )
 
 
-def sweep(
-    p: TuneParams, context: Mapping[str, Any], name: str
-) -> tuple[list[dict[str, Any]], float]:
+def sweep(p: TuneParams, context: TrialContext, name: str) -> tuple[list[dict[str, Any]], float]:
     """Run the Ray Tune sweep; returns a row per trial and the wall time."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -64,11 +59,11 @@ def sweep(
     searcher = OptunaSearch(
         metric=metric,
         mode="max",
-        seed=context["seed"],
-        points_to_evaluate=p.points(context["kind"]) or None,  # less keys the task lacks
+        seed=context.seed,
+        points_to_evaluate=p.points(context.kind) or None,  # less keys the task lacks
     )
     scheduler = points_run_to_end(
-        p.points(context["kind"]),
+        p.points(context.kind),
         time_attr="training_iteration",
         max_t=p.epochs,
         grace_period=p.grace_period,
@@ -76,11 +71,11 @@ def sweep(
     )
     resources = {
         "cpu": p.cpus_per_trial,
-        "gpu": p.gpus_per_trial if context["device"] == "cuda" else 0,
+        "gpu": p.gpus_per_trial if context.device == "cuda" else 0,
     }
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, context=dict(context)), resources),
-        param_space=search_space(p, context["kind"]),
+        tune.with_resources(tune.with_parameters(trainable, context=context), resources),
+        param_space=search_space(p, context.kind),
         tune_config=tune.TuneConfig(
             metric=metric,
             mode="max",
@@ -102,7 +97,7 @@ def sweep(
         t0 = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - t0
-    return [trial_row(r) for r in grid], wall
+    return [trial_row(grid[i]) for i in range(len(grid))], wall
 
 
 def tune_stage(
@@ -127,14 +122,15 @@ def tune_stage(
     context = data_context(Path(prepared), pretrained, p, seed)
     name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{trial_id(p.model_dump(mode='json'))}"
     rows, wall = sweep(p, context, name)
+    val_images = context.val[0]
     measured_on = {
         "split": "val",
-        "images": int(context["val"][0].shape[0]),
-        "size": int(context["val"][0].shape[-1]),
-        "metric": METRIC[context["kind"]],
+        "images": int(val_images.shape[0]),
+        "size": int(val_images.shape[-1]),
+        "metric": METRIC[context.kind],
     }
     metrics = write_outputs(
-        rows, p, context["kind"], wall, Path(out_dir), Path(reports_dir), measured_on
+        rows, p, context.kind, wall, Path(out_dir), Path(reports_dir), measured_on
     )
     if not metrics["num_ok"]:
         raise RuntimeError(

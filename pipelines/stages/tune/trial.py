@@ -22,6 +22,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,10 +33,10 @@ from gattn.budget import estimate_peak_memory, peak_memory, train_step
 from gattn.inference.preprocess import resize_input
 from gattn.models import build_model
 from gattn.models.pretrained import load_pretrained
-from gattn.ssl.schedules import warmup_cosine
-from pipelines.config import TuneParams
+from pipelines.config import Task, TuneParams
 from pipelines.metrics import METRIC, class_weights, score_resized
 from pipelines.stages.tune.space import model_config, summary, trial_id
+from pipelines.train.loop import warmup_cosine_scheduler
 
 GIB = 2**30
 
@@ -123,9 +124,42 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(err)
 
 
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares, loaded once by the stage
+    (:func:`pipelines.stages.tune.stage.data_context`) and handed to each trial through
+    ``tune.with_parameters`` (so it is pickled: plain values and CPU tensors only).
+
+    Attributes:
+        params: The ``tune`` section.
+        seed: The global seed (initialisation and data order of every trial).
+        kind: The task's targets: ``seg`` (masks) or ``cls`` (labels).
+        num_classes: Classes of the prepared data.
+        in_chans: Image channels.
+        train: Training ``(images, targets)`` at the data's own size
+            (:func:`pipelines.data.load_tensors`); each trial resizes to its resolution.
+        val: Validation ``(images, targets)``, the same way.
+        pretrained: ``(config, weights)`` of the pretrained encoder
+            (:func:`gattn.models.pretrained.read_encoder`), or None: from scratch.
+        device: ``cuda`` or ``cpu``.
+        threads: Torch threads of a trial (its CPUs).
+    """
+
+    params: TuneParams
+    seed: int
+    kind: Task
+    num_classes: int
+    in_chans: int
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    pretrained: tuple[dict[str, Any], dict[str, torch.Tensor]] | None
+    device: str
+    threads: int
+
+
 def run_trial(
     sample: Mapping[str, Any],
-    context: Mapping[str, Any],
+    context: TrialContext,
     report: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """Screen, train and measure one sampled config; report after every epoch.
@@ -136,31 +170,27 @@ def run_trial(
 
     Args:
         sample: One point of :func:`search_space`.
-        context: ``params`` (the ``tune`` section as a dict), ``seed``, ``kind``,
-            ``num_classes``, ``in_chans``, ``train``/``val`` (tensors from
-            :func:`load_tensors`), ``pretrained`` (``(config, weights)`` from
-            :func:`gattn.models.pretrained.read_encoder`, or None) and
-            ``device``.
+        context: What the sweep's trials share.
         report: Receives each epoch's metrics (``ray.tune.report`` in a sweep).
 
     Returns:
         The last report.
     """
-    p = TuneParams.model_validate(context["params"])
-    device = torch.device(context["device"])
+    p = context.params
+    device = torch.device(context.device)
     budgets = sorted(p.budgets_gib)
     row: dict[str, Any] = {
         "trial": trial_id(sample),
         "summary": summary(sample),
         "status": "running",
         "quality": 0.0,
-        "metric": "miou" if context["kind"] == "seg" else "accuracy",
+        "metric": METRIC[context.kind],
         "epochs": 0,
         "steps": 0,
         "error": "",
     }
     try:
-        cfg = model_config(sample, p, context["kind"], context["num_classes"], context["in_chans"])
+        cfg = model_config(sample, p, context.kind, context.num_classes, context.in_chans)
         row["model"] = cfg
         estimated = estimate_peak_memory(
             cfg, int(sample["batch_size"]), int(sample["img_size"]), device, lr=sample["lr"]
@@ -180,9 +210,43 @@ def run_trial(
     return row
 
 
+def build_trial_model(
+    cfg: dict[str, Any], context: TrialContext, device: torch.device, row: dict[str, Any]
+) -> nn.Module:
+    """The model of ``cfg`` (after ``torch.manual_seed(context.seed)``), with the pretrained
+    encoder loaded where names and shapes match, in train mode on ``device``; ``row`` gains
+    ``pretrained_tensors`` (how many were loaded) and ``params``."""
+    torch.manual_seed(context.seed)
+    model = build_model(cfg)
+    row["pretrained_tensors"] = 0
+    if context.pretrained is not None:
+        source_cfg, weights = context.pretrained
+        init = load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
+        row["pretrained_tensors"] = len(init.matched)
+    model = model.to(device).train()
+    row["params"] = sum(q.numel() for q in model.parameters())
+    return model
+
+
+def first_batch_peak(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    size: int,
+    weight: torch.Tensor | None,
+) -> float:
+    """:func:`measured_step` on the first batch at ``size`` px: the peak of a trial whose epoch
+    is one step (:func:`train_epoch` measures its second step, taken with optimizer state)."""
+    device = next(model.parameters()).device
+    x, y = data[0][:batch_size], data[1][:batch_size]
+    x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
+    return float(measured_step(model, optimizer, x, y, weight))
+
+
 def train_config(
     sample: Mapping[str, Any],
-    context: Mapping[str, Any],
+    context: TrialContext,
     p: TuneParams,
     cfg: dict[str, Any],
     device: torch.device,
@@ -193,45 +257,38 @@ def train_config(
     ``report`` receives after every epoch.
 
     The recipe is the finetune stage's, over ``p.epochs``: AdamW at the sample's peak
-    learning rate after ``p.warmup_epochs`` of linear warm-up, cosine down to
-    ``lr * p.min_lr_ratio``, class-balanced cross-entropy, random flips; the data order and
-    initialisation follow ``context["seed"]``.
+    learning rate with the shared warm-up + cosine schedule
+    (:func:`pipelines.train.loop.warmup_cosine_scheduler`: ``p.warmup_epochs`` of linear
+    warm-up, cosine down to ``lr * p.min_lr_ratio``), class-balanced cross-entropy, random
+    flips; the data order and initialisation follow ``context.seed``.
     """
-    torch.manual_seed(context["seed"])
-    gen = torch.Generator().manual_seed(context["seed"])
-    model = build_model(cfg)
-    encoder = context.get("pretrained")
-    if encoder is not None:
-        source_cfg, weights = encoder
-        init = load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
-        row["pretrained_tensors"] = len(init.matched)
-    else:
-        row["pretrained_tensors"] = 0
-    model = model.to(device).train()
-    row["params"] = sum(q.numel() for q in model.parameters())
+    gen = torch.Generator().manual_seed(context.seed)
+    model = build_trial_model(cfg, context, device, row)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sample["lr"], weight_decay=p.weight_decay)
     size, batch_size = int(sample["img_size"]), int(sample["batch_size"])
-    steps = len(_batches(len(context["train"][0]), batch_size, gen))
-    total, warmup = p.epochs * steps, p.warmup_epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, total, 1.0, p.min_lr_ratio, warmup)
+    # Counting the steps draws one permutation from ``gen``: the data order depends on it.
+    steps = len(_batches(len(context.train[0]), batch_size, gen))
+    scheduler = warmup_cosine_scheduler(
+        optimizer, p.epochs * steps, p.warmup_epochs * steps, p.min_lr_ratio
     )
     weight = None
     if p.balance_classes:
-        weight = class_weights(context["train"][1], context["num_classes"]).to(device)
+        weight = class_weights(context.train[1], context.num_classes).to(device)
     images = seconds = 0.0
     for epoch in range(p.epochs):
         stats = train_epoch(
-            model, optimizer, context["train"], batch_size, size, gen, epoch == 0, weight, scheduler
+            model, optimizer, context.train, batch_size, size, gen, epoch == 0, weight, scheduler
         )
         if epoch == 0:
             if stats["steps"] < 2:  # one step per epoch: measure a second one now
-                x, y = context["train"][0][:batch_size], context["train"][1][:batch_size]
-                x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
-                stats["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
+                stats["peak_bytes"] = first_batch_peak(
+                    model, optimizer, context.train, batch_size, size, weight
+                )
             row["peak_memory_gib"] = stats["peak_bytes"] / GIB
         images += stats["images"]
         seconds += stats["seconds"]
+        val_x, val_y = context.val
+        scores = score_resized(model, val_x, val_y, context.kind, size, context.num_classes)
         row.update(
             status="ok",
             epochs=epoch + 1,
@@ -239,19 +296,17 @@ def train_config(
             loss=stats["loss"],
             images_per_s=images / max(seconds, 1e-9),
             train_s=seconds,
-            quality=score_resized(
-                model, *context["val"], context["kind"], size, context["num_classes"]
-            )[METRIC[context["kind"]]],
+            quality=scores[METRIC[context.kind]],
         )
         report(dict(row))
     return model
 
 
-def trainable(sample: dict[str, Any], context: dict[str, Any]) -> None:
+def trainable(sample: dict[str, Any], context: TrialContext) -> None:
     """The Tune function trainable: :func:`run_trial` with ``ray.tune.report``."""
     from ray import tune
 
-    torch.set_num_threads(max(1, int(context["threads"])))
+    torch.set_num_threads(max(1, int(context.threads)))
     run_trial(sample, context, lambda metrics: tune.report(_tune_metrics(metrics)))
 
 
