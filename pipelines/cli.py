@@ -78,16 +78,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from gattn.data import DataLayoutError
+def input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input (params, data layout), not a bug.
+
+    Looked up after the command ran: ``DataLayoutError`` lives in ``gattn.data``, which
+    imports torch, and a command that never imported it cannot have raised it; importing it
+    up front would cost ``gattn --help`` and ``gattn predict`` seconds.
+    """
     from pipelines.config import ParamsError
 
+    errors: list[type[Exception]] = [ParamsError]
+    datasets = sys.modules.get("gattn.data.datasets")
+    if datasets is not None:
+        errors.append(datasets.DataLayoutError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ParamsError, DataLayoutError) as err:
+    except input_errors() as err:
         # Bad input, not a bug: say what is wrong and how to fix it, without a traceback.
         print(f"gattn {args.command}: error: {err}", file=sys.stderr)
         return 2
