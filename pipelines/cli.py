@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "draw where the model looks (rollout/Grad-CAM) on an image",
     ),
     "deploy": ("pipelines.stages.deploy", "write the Ray Serve config for the registered model"),
-    "serve": ("pipelines.serve.runner", "run the Ray Serve app locally (blocking; Ctrl-C stops)"),
+    "serve": ("pipelines.serve.runner", "run the Ray Serve app locally, until Ctrl-C or SIGTERM"),
     "predict": (
         "pipelines.serve.client",
         "send an image to the running app, print or save the answer",

@@ -32,15 +32,20 @@ optional bearer-token auth reads the token from the environment variable named b
 The model is a registry URI (``models:/NAME@champion``) or a model folder, resolved by
 :func:`pipelines.registry.resolve_model` in each model replica. ``gattn serve`` runs the config the
 ``deploy`` stage wrote (``models/deploy/serve_config.yaml``) on a local Ray bound to
-127.0.0.1, until Ctrl-C.
+127.0.0.1, until Ctrl-C or SIGTERM: requests in flight are answered (new ones get 503; each
+ingress replica's :meth:`GattnIngress.drain`), then Serve and Ray shut down.
 """
 
 # No `from __future__ import annotations`: Serve and FastAPI read the endpoints' annotations.
 import asyncio
+import contextlib
+import functools
 import hmac
 import os
 import re
 import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,6 +142,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body or image too large",
         415: "content type or image format not accepted",
         422: "invalid query parameter",
+        503: "the server is shutting down",
     }.items()
 }
 _IMAGE_BODY = {
@@ -273,6 +279,20 @@ class GattnModel:
                 return err
 
 
+def counted(
+    endpoint: Callable[..., Awaitable[dict[str, Any]]],
+) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """An ingress endpoint that counts as in flight while it runs, and answers 503 once the
+    replica drains (:meth:`GattnIngress.drain`). FastAPI reads the wrapped signature."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        async with self._in_flight():
+            return await endpoint(self, *args, **kwargs)
+
+    return wrapper
+
+
 @serve.deployment(name=INGRESS, max_ongoing_requests=64)
 @serve.ingress(api)
 class GattnIngress:
@@ -291,12 +311,40 @@ class GattnIngress:
         self.args = AppArgs.model_validate(args)
         self.model = model
         self.token = read_token(self.args.auth_token_env)
+        self.in_flight = 0  # requests between arrival and answer (they may call the model)
+        self.draining = False
         self.spec, self.ref = await model.describe.remote()
         self.predict_batch = serve.batch(
             max_batch_size=self.args.max_batch_size,
             batch_wait_timeout_s=self.args.batch_wait_timeout_s,
             max_concurrent_batches=self.args.concurrent_batches or 2,
         )(self._run_batch)
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        if self.draining:
+            raise InputError(503, "shutting_down", "the server is shutting down; retry later")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new predictions and explanations (503) and wait up to ``timeout_s`` until
+        those in flight are answered; the number still running.
+
+        Called by ``gattn serve`` before ``serve.shutdown``
+        (:func:`pipelines.serve.runner.drain`): Serve stops an app's deployments together,
+        and a request still in this replica (decoding, or waiting for its batch) would then
+        find no model replica to run on and hang until it is killed.
+        """
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        await asyncio.sleep(0.2)  # held a moment, so concurrent drain calls spread over replicas
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -339,6 +387,7 @@ class GattnIngress:
     @api.post(
         "/v1/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY
     )
+    @counted
     async def predict(
         self,
         request: Request,
@@ -375,6 +424,7 @@ class GattnIngress:
     @api.post(
         "/v1/explain", response_model=ExplainResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY
     )
+    @counted
     async def explain(
         self,
         request: Request,
