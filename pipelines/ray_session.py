@@ -17,6 +17,8 @@ from collections.abc import Iterator
 def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[None]:
     """Run the block with Ray up: a local Ray (127.0.0.1, no dashboard) unless one is up or
     ``RAY_ADDRESS`` names a cluster (then connect to it). Shuts down only what it started.
+    On a local Ray, Ray's warnings that do not apply there are silenced in every process
+    (:mod:`pipelines.ray_logs`).
 
     Args:
         num_cpus: Logical CPUs to declare (may exceed the cores when a Tune driver must sit
@@ -25,10 +27,13 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
     """
     import ray
 
+    from pipelines.ray_logs import WORKER_SETUP_HOOK, quiet_benign_warnings
+
     started = not ray.is_initialized()
     if started and os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
     elif started:
+        quiet_benign_warnings()  # in this process; the hook does it in Ray's
         for attempt in range(3):  # a busy machine can keep the raylet past Ray's 30 s start
             try:
                 ray.init(
@@ -38,6 +43,7 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
                     configure_logging=False,
+                    runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
                 )
                 break
             except Exception as err:

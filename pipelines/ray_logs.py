@@ -1,0 +1,57 @@
+"""Ray's warnings that mean nothing on the local Ray a stage starts, silenced where they are
+logged, so a stage's terminal output is its own progress.
+
+:func:`pipelines.ray_session.local_ray` starts one node on loopback without the dashboard, and
+runs :func:`quiet_benign_warnings` in the driver and, by :func:`setup_worker` (Ray's
+``worker_process_setup_hook``), in every worker process (controllers, helper actors, training
+workers) before their code runs.
+Only these loggers' warnings go; their errors, and every other logger, still show. This module
+imports nothing else, as each Ray worker process imports it at start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# logger -> why its warnings are noise on a local Ray.
+BENIGN_WARNINGS: dict[str, str] = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
+        "Ray Train's placement-group cleaner asks the State API every second whether the "
+        "run's controller is alive; the State API needs the dashboard, which a local Ray runs "
+        "without, so each run printed 'State API may be temporarily unavailable' once a "
+        "second (and the local Ray, placement groups included, stops with the stage)"
+    ),
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": (
+        "Ray Train registers its workers with an autoscaling coordinator; a single node has "
+        "no autoscaler, and on a busy machine the coordinator's 5 s reply timeout printed a "
+        "traceback ('safe to ignore', says the message)"
+    ),
+    "ray._private.authentication.authentication_token_setup": (
+        "the notice, once per stage, that token authentication is on by default (it stays on)"
+    ),
+}
+
+WORKER_SETUP_HOOK = f"{__name__}.setup_worker"  # for ray.init(runtime_env=...)
+
+
+def quiet_benign_warnings() -> None:
+    """Raise the loggers of :data:`BENIGN_WARNINGS` to ``ERROR`` in this process."""
+    for name in BENIGN_WARNINGS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def setup_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for a local Ray: :func:`quiet_benign_warnings`, and
+    ``RAY_ADDRESS`` set to the worker's own cluster.
+
+    Ray's State API client (the placement-group cleaner's) finds its cluster by
+    ``RAY_ADDRESS``, else by looking for Ray's processes on the machine; where several Ray
+    instances run (other users, other sessions) that look-up raises ``ConnectionError``, and
+    the cleaner's thread died with a 20-line traceback in the stage's output.
+    """
+    import os
+
+    import ray
+
+    quiet_benign_warnings()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
