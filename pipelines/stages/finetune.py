@@ -306,7 +306,7 @@ class FinetuneHooks(Hooks):
             images, targets = window_view(images, targets, p.context_crop_scale, self.generator)
             hook = None
             if not p.context_crop_encoder_grad:
-                hook = segmenter.encoder.register_forward_hook(_detach_features)
+                hook = unwrap(model).encoder.register_forward_hook(_detach_features)
             try:
                 logits = model(images, global_context=context)
             finally:
