@@ -303,10 +303,7 @@ class FinetuneParams(Section):
     Global-context feedback is learnt for segmenters whose head takes a context: a
     ``context_crop`` share of the batches become one window (a crop of ``context_crop_scale``
     of the area, resized back) while the context vector comes from the whole image, as in
-    sliding-window inference with ``global_context="auto"``; the window's encoder features are
-    detached there (``context_crop_encoder_grad: false``), so a window whose labels it cannot
-    see does not teach the encoder to guess (the head and, through the context, the encoder
-    still learn). ``search_tolerance``: the
+    sliding-window inference with ``global_context="auto"``. ``search_tolerance``: the
     fine-tuned model is scored on the search's validation images as the search scored its
     trials; more than this below the trial it came from and the stage fails, registering and
     publishing nothing (``null``: no check). ``num_workers: 0`` runs Ray Train's local mode.
@@ -328,7 +325,6 @@ class FinetuneParams(Section):
     balance_classes: bool = True  # CE weights 1/sqrt(class frequency), as in the search
     context_crop: float = Field(0.15, ge=0, le=1)
     context_crop_scale: tuple[float, float] = (0.06, 0.5)
-    context_crop_encoder_grad: bool = False  # window batches also train the encoder's features
     max_samples: int | None = Field(None, ge=1)  # first N training images (null: all)
     max_val_samples: int | None = Field(None, ge=1)
     search_tolerance: float | None = Field(0.0, ge=0)  # allowed shortfall vs the search's best

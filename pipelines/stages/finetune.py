@@ -241,13 +241,6 @@ def window_view(
     return crop, mask
 
 
-def _detach_features(
-    module: nn.Module, args: Any, features: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Forward hook: the encoder's feature maps without their gradient path."""
-    return [f.detach() for f in features]
-
-
 class FinetuneHooks(Hooks):
     """The finetune stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
     the searched model initialised from the pretrained encoder, class-balanced cross-entropy,
@@ -304,14 +297,7 @@ class FinetuneHooks(Hooks):
             assert isinstance(segmenter, Segmenter)  # use_context: takes_context(model)
             context = segmenter.encode_context(images)
             images, targets = window_view(images, targets, p.context_crop_scale, self.generator)
-            hook = None
-            if not p.context_crop_encoder_grad:
-                hook = unwrap(model).encoder.register_forward_hook(_detach_features)
-            try:
-                logits = model(images, global_context=context)
-            finally:
-                if hook is not None:
-                    hook.remove()
+            logits = model(images, global_context=context)
         else:
             logits = model(images)
         loss = F.cross_entropy(

@@ -209,34 +209,3 @@ def test_finetune_section_is_validated() -> None:
         FinetuneParams(crop_scale=(0.8, 0.5))
     with pytest.raises(ValueError, match="warmup_epochs"):
         FinetuneParams(epochs=1, warmup_epochs=1)
-
-
-@pytest.mark.parametrize("encoder_grad", [False, True])
-def test_window_batches_train_the_encoder_only_through_the_context(encoder_grad: bool) -> None:
-    """A context-crop batch at init (context projection zero): with the window's encoder
-    features detached the encoder gets no gradient (the window cannot teach it to guess);
-    with ``context_crop_encoder_grad`` it does. The head and context projection learn either
-    way, and the loss is the same."""
-    from pipelines.stages.finetune import FinetuneHooks
-
-    cfg = {**SEG, "backbone": "gattn_local_cnn", "backbone_kwargs": {}, "img_size": 32}
-    p = FinetuneParams(context_crop=1.0, context_crop_encoder_grad=encoder_grad, epochs=2)
-    hooks = FinetuneHooks(
-        {"params": p.model_dump(mode="json"), "lr": 1e-3, "task": "seg", "num_classes": 4}
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    hooks.use_context, hooks.weight = True, None
-    hooks.generator = torch.Generator().manual_seed(0)
-    images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
-    loss, n, _ = hooks.loss(model, (images, targets), 0, 0)
-    loss.backward()
-    assert n == 2 and torch.isfinite(loss)
-    encoder = [q.grad for q in model.encoder.parameters() if q.requires_grad]
-    touched = any(g is not None and g.abs().amax() > 0 for g in encoder)
-    assert touched == encoder_grad
-    assert model.head.context_proj.weight.grad.abs().amax() > 0
-    # The hook is removed after the batch: a plain forward trains the encoder again.
-    model.zero_grad()
-    model(images).square().mean().backward()
-    assert any(q.grad is not None and q.grad.abs().amax() > 0 for q in model.encoder.parameters())
