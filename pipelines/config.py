@@ -297,9 +297,11 @@ class FinetuneParams(Section):
     The model and its ``lr``/``batch_size`` come from ``models/tune/best.json`` at
     ``budget_gib`` (``null``: the search's ``selected_budget``); ``lr``/``batch_size`` here
     override them. ``init: pretrained`` loads ``models/pretrained`` weights by name where the
-    shapes match. ``layer_decay < 1`` scales each layer's learning rate by
-    ``layer_decay ** (depth - layer)`` (embeddings least, the head fully). ``crop_scale`` is the
-    area range of random crops (``[1, 1]``: whole images, as a cue anywhere must stay visible).
+    shapes match; ``init: trial`` starts from the weights the searched trial ended with
+    (``best.json``'s entry ``weights``, every tensor), so the champion continues its trial.
+    ``layer_decay < 1`` scales each layer's learning rate by ``layer_decay ** (depth -
+    layer)`` (embeddings least, the head fully). ``crop_scale`` is the area range of random
+    crops (``[1, 1]``: whole images, as a cue anywhere must stay visible).
     Global-context feedback is learnt for segmenters whose head takes a context: a
     ``context_crop`` share of the batches become one window (a crop of ``context_crop_scale``
     of the area, resized back) while the context vector comes from the whole image, as in
@@ -310,7 +312,7 @@ class FinetuneParams(Section):
     """
 
     budget_gib: float | None = Field(None, gt=0)
-    init: Literal["pretrained", "scratch"] = "pretrained"
+    init: Literal["pretrained", "scratch", "trial"] = "pretrained"
     epochs: int = Field(12, ge=1)
     batch_size: int | None = Field(None, ge=1)  # per worker; null: best.json's
     lr: float | None = Field(None, gt=0)  # peak AdamW lr; null: best.json's

@@ -87,7 +87,9 @@ class TrainRecipe(Contract):
 
 
 class BestEntry(Contract):
-    """One trained trial of the search: its model config, recipe and figures."""
+    """One trained trial of the search: its model config, recipe and figures, and ``weights``:
+    the trial's weights after its last reported epoch (safetensors, a path relative to
+    ``best.json``'s folder; ``None`` in files written before the search kept them)."""
 
     trial: str | None = None
     summary: str | None = None
@@ -99,6 +101,7 @@ class BestEntry(Contract):
     estimated_memory_gib: float | None = None
     images_per_s: float | None = None
     params: int | None = None
+    weights: str | None = None
 
     @property
     def img_size(self) -> int:

@@ -6,7 +6,10 @@ Scalable Vision Learners", Sec. 4): the model the search chose (``models/tune/be
 built, every tensor of ``models/pretrained/encoder.safetensors`` whose name (after the
 encoder's prefix, e.g. ``encoder.model.`` inside a :class:`~gattn.models.Segmenter`) and shape
 match is loaded, and the rest is reported (missing / unexpected / shape-mismatched keys; an
-absolute position embedding of another grid is resampled). Training runs data-parallel with a
+absolute position embedding of another grid is resampled). With ``init: trial`` the model
+starts instead from the weights the searched trial ended with (``best.json``'s entry
+``weights``, written by the tune stage), every tensor loaded strictly, so the champion
+continues its trial rather than repeating it from scratch. Training runs data-parallel with a
 Ray Train V2 ``TorchTrainer`` (DDP, gloo on CPU / NCCL on GPU), AdamW with warm-up + cosine
 and optional layer-wise decay, one checkpoint per epoch (safetensors weights + a
 ``weights_only`` state; a worker failure or a rerun of the same config resumes), and keeps
@@ -53,7 +56,14 @@ from gattn.models import Segmenter, build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
 from pipelines.config import FinetuneParams, ParamsError, Task, add_params_arguments, load_params
-from pipelines.contracts import BEST_FIX, BestEntry, BestFile, ModelMeta, read_file
+from pipelines.contracts import (
+    BEST_FIX,
+    BestEntry,
+    BestFile,
+    ContractError,
+    ModelMeta,
+    read_file,
+)
 from pipelines.data import (
     Split,
     data_fingerprint,
@@ -169,6 +179,54 @@ def initialise(model: nn.Module, cfg: Mapping[str, Any], encoder: Path | None) -
     return load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
 
 
+TRIAL_FIX = (
+    "rerun `gattn tune` (it keeps the best trials' weights) or set finetune.init: pretrained"
+)
+
+
+def trial_weights(best_json: Path, entry: BestEntry) -> Path:
+    """The weights file of ``entry`` (``best.json``'s ``weights``, relative to its folder).
+
+    Raises:
+        ContractError: the entry has no weights (a ``best.json`` written before the search
+            kept them, or a trial that never checkpointed), or the file is missing.
+    """
+    if entry.weights is None:
+        raise ContractError(
+            f"{best_json}: the entry of trial {entry.trial} has no weights, so finetune.init: "
+            f"trial cannot start from it; {TRIAL_FIX}"
+        )
+    path = Path(best_json).parent / entry.weights
+    if not path.is_file():
+        raise ContractError(f"{path}: not found (weights of {best_json}'s trial); {TRIAL_FIX}")
+    return path
+
+
+def load_trial(model: nn.Module, path: Path) -> LoadReport:
+    """Load the trial's weights file ``path`` into ``model``: every tensor, same names and
+    shapes (safetensors, no pickle).
+
+    Raises:
+        ContractError: the file does not hold exactly ``model``'s tensors.
+    """
+    weights = load_file(str(path))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ContractError(
+            f"{path}: not the weights of the searched model ({err}); {TRIAL_FIX}"
+        ) from None
+    return LoadReport(matched=sorted(weights))
+
+
+def initial_weights(model: nn.Module, config: Mapping[str, Any]) -> LoadReport:
+    """Initialise ``model`` as the loop ``config`` says: the trial's weights
+    (``trial_weights``), else the pretrained encoder (``pretrained``), else from scratch."""
+    if config.get("trial_weights"):
+        return load_trial(model, Path(config["trial_weights"]))
+    return initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
+
+
 # --------------------------------------------------------------------------------------------
 # Optimisation
 
@@ -262,7 +320,7 @@ class FinetuneHooks(Hooks):
     def build(self) -> tuple[nn.Module, Split, int]:
         p, config, size = self.p, self.config, self.config["img_size"]
         model = build_model(config["model"])
-        initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
+        initial_weights(model, config)
         prepared = Path(config["prepared"])
         train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
         self.val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
@@ -381,12 +439,16 @@ def loop_config(
     pretrained: Path,
     prepared: Path,
     fail_at_epoch: int | None = None,
+    trial_file: Path | None = None,
 ) -> dict[str, Any]:
     """The workers' config (:class:`FinetuneHooks`): the searched model checked against the
-    data, the recipe, the initial weights, and the Ray run's ``run_name`` and ``storage``.
+    data, the recipe, the initial weights (``trial_file``: the trial's, for ``init: trial``;
+    see :func:`trial_weights`), and the Ray run's ``run_name`` and ``storage`` (the name
+    hashes the initial weights' file).
 
     Raises:
-        ParamsError: the searched model is for another task or number of classes.
+        ParamsError: the searched model is for another task or number of classes, or
+            ``init: trial`` without ``trial_file``.
         FileNotFoundError: ``init: pretrained`` without a pretrained encoder.
     """
     info = read_splits(prepared)
@@ -400,7 +462,15 @@ def loop_config(
         raise FileNotFoundError(
             f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
         )
-    init_hash = _file_hash(encoder) if p.init == "pretrained" else "scratch"
+    if p.init == "pretrained":
+        init_hash = _file_hash(encoder)
+    elif p.init == "trial":
+        if trial_file is None:
+            raise ParamsError(f"finetune.init: trial needs the trial's weights; {TRIAL_FIX}")
+        trial_file = Path(trial_file).resolve()
+        init_hash = f"trial-{_file_hash(trial_file)}"
+    else:
+        init_hash = "scratch"
     name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
     storage = Path(p.storage).resolve()
     return {
@@ -414,6 +484,7 @@ def loop_config(
         "lr": p.lr or entry.train.lr,
         "batch_size": p.batch_size or entry.train.batch_size,
         "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
+        "trial_weights": str(trial_file) if p.init == "trial" else None,
         "prepared": str(Path(prepared).resolve()),
         "fail_at_epoch": fail_at_epoch,
         "fail_flag": str(storage / f"{name}.injected-failure"),
@@ -426,10 +497,9 @@ def best_model(
     result: Any, config: dict[str, Any]
 ) -> tuple[nn.Module, list[dict[str, Any]], LoadReport]:
     """The model with the best epoch's weights from the run's last checkpoint, the run's
-    history, and the report of its pretrained initialisation."""
-    cfg = config["model"]
-    model = build_model(cfg)
-    init = initialise(model, cfg, config["pretrained"] and Path(config["pretrained"]))
+    history, and the report of its initialisation (:func:`initial_weights`)."""
+    model = build_model(config["model"])
+    init = initial_weights(model, config)
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / HISTORY).read_text())
         model.load_state_dict(load_file(str(Path(d) / BEST)))
@@ -539,7 +609,8 @@ def finetune(
         seed: The global seed.
         best_json: The search's result (``models/tune/best.json``).
         pretrained: The pretrain stage's folder (``encoder.safetensors``); used when
-            ``p.init == "pretrained"``.
+            ``p.init == "pretrained"`` (``"trial"``: the entry's ``weights`` beside
+            ``best_json``).
         prepared: The prepare stage's output folder.
         out_dir: The model folder to write.
         reports_dir: Where metrics, history and the init report go.
@@ -549,7 +620,8 @@ def finetune(
             :func:`pipelines.stages.pretrain.pretrain`).
     """
     best, budget, entry = load_best(best_json, p.budget_gib)
-    config = loop_config(p, seed, entry, pretrained, Path(prepared), fail_at_epoch)
+    trial_file = trial_weights(best_json, entry) if p.init == "trial" else None
+    config = loop_config(p, seed, entry, pretrained, Path(prepared), fail_at_epoch, trial_file)
     name, storage = config["run_name"], Path(config["storage"])
     storage.mkdir(parents=True, exist_ok=True)
     result, wall = fit_torch_trainer(train_loop, config, p, name, storage)

@@ -13,11 +13,13 @@ import mlflow
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from gattn.budget import estimate_peak_memory, profiled_peak_memory
 from gattn.ssl.schedules import warmup_cosine
 from pipelines.cli import main
 from pipelines.config import ParamsError, TuneParams
+from pipelines.metrics import score_resized
 from pipelines.stages.tune import results, scheduler, space, stage, trial
 
 ray = pytest.importorskip("ray")
@@ -205,7 +207,11 @@ def test_unknown_block_is_a_params_error() -> None:
 
 @pytest.mark.slow
 def test_tiny_sweep_writes_outputs_and_child_runs(
-    tmp_path: Path, prepared: Path, ray_local: None, capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    prepared: Path,
+    ray_local: None,
+    capsys: pytest.CaptureFixture,
+    context: trial.TrialContext,
 ) -> None:
     points = [SAMPLE, HUGE, CRASH]
     section = tiny(storage=str(tmp_path / "ray"), points_to_evaluate=points).model_dump(mode="json")
@@ -229,6 +235,14 @@ def test_tiny_sweep_writes_outputs_and_child_runs(
     assert chosen["model"]["num_classes"] == 4 and chosen["model"]["img_size"] == 32
     assert chosen["train"]["batch_size"] == 4 and chosen["metric"] == "miou"
     assert chosen["peak_memory_gib"] <= float(best["selected_budget"])
+    # The best trial's weights sit beside best.json, load into its model to the last tensor
+    # and score what the trial reported on the images the search scored on.
+    assert chosen["weights"] == f"weights/{chosen['trial']}.safetensors"
+    model = trial.build_model(chosen["model"])
+    model.load_state_dict(load_file(str(out / chosen["weights"])), strict=True)
+    val_x, val_y = context.val
+    again = score_resized(model, val_x, val_y, "seg", chosen["train"]["img_size"], 4)
+    assert again["miou"] == pytest.approx(chosen["quality"], abs=1e-6)
     pareto = json.loads((reports / "pareto.json").read_text())
     assert [p["trial"] for p in pareto["points"]] == [chosen["trial"]]
     assert (reports / "pareto.png").stat().st_size > 0

@@ -2,7 +2,9 @@
 
 - ``models/tune/best.json`` (:class:`pipelines.contracts.BestFile`): the best config per
   budget (by quality, among trained configs whose *measured* peak fits) and the selected
-  budget, read by the finetune stage;
+  budget, read by the finetune stage; beside it ``weights/<trial>.safetensors``, each best
+  trial's weights after its last reported epoch (the entry's ``weights``; ``finetune.init:
+  trial`` starts from them);
 - ``reports/tune/``: ``trials.csv`` (every trial), ``pareto.csv``/``pareto.json`` (the configs
   no other beats on quality, memory and speed at once; ``gattn recommend`` reads it),
   ``pareto.png`` and ``metrics.json``;
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,9 @@ from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import METRIC
 from pipelines.paths import BEST_JSON
 from pipelines.stages.tune.space import summary, trial_id
+from pipelines.stages.tune.trial import WEIGHTS
+
+WEIGHTS_DIR = "weights"  # in best.json's folder: ``<trial>.safetensors`` per best entry
 
 TRIAL_COLUMNS = [
     "trial",
@@ -178,7 +184,8 @@ def pareto_figure(
 
 
 def trial_row(result: Any) -> dict[str, Any]:
-    """A trial row from a Tune ``Result`` (its last report, or its error)."""
+    """A trial row from a Tune ``Result`` (its last report, or its error); ``checkpoint`` is the
+    folder of its latest checkpoint (the weights of its last reported epoch), or None."""
     metrics = dict(result.metrics or {})
     sample = dict(result.config or {})
     row = {
@@ -190,6 +197,7 @@ def trial_row(result: Any) -> dict[str, Any]:
         if isinstance(row.get(key), str):
             row[key] = json.loads(row[key])
     row["config"] = sample
+    row["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
     row.setdefault("trial", trial_id(sample))
     row.setdefault("summary", summary(sample) if sample else "")
     if result.error is not None and row.get("status") in (None, "ok"):
@@ -225,7 +233,8 @@ def write_outputs(
     reports_dir: Path,
     measured_on: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``best.json`` (atomically, as a folder) and the reports; return the metrics.
+    """Write ``best.json`` with the best trials' weights (atomically, as a folder; see
+    :func:`copy_weights`) and the reports; return the metrics.
 
     ``measured_on`` (``split``, ``images``, ``size``, ``metric``) says which images every
     trial's ``quality`` was scored on, so that the finetune stage can score its model on the
@@ -239,6 +248,7 @@ def write_outputs(
     front = pareto_front(trained)
     per_budget = best_per_budget(trained, budgets)
     work = staging_dir(out_dir)
+    per_budget = copy_weights(per_budget, rows, work)
     best = best_file(per_budget, budgets, p.select_budget, kind, measured_on)
     write_json(work / BEST_JSON.name, best.model_dump(mode="json", exclude_unset=True))
     write_reports(rows, front, budgets, kind, reports_dir)
@@ -246,6 +256,32 @@ def write_outputs(
     write_json(reports_dir / "metrics.json", metrics)
     publish_dir(work, out_dir)
     return metrics
+
+
+def copy_weights(
+    per_budget: Mapping[str, Mapping[str, Any] | None],
+    rows: Sequence[Mapping[str, Any]],
+    work: Path,
+) -> dict[str, Mapping[str, Any] | None]:
+    """Copy each best entry's checkpointed weights to ``work/weights/<trial>.safetensors``;
+    returns the entries with ``weights`` (the path relative to ``work``) where the trial's
+    row has a checkpoint (a trial whose reports carried none keeps no ``weights``)."""
+    sources = {
+        r["trial"]: Path(r["checkpoint"]) / WEIGHTS
+        for r in rows
+        if r.get("checkpoint") and (Path(r["checkpoint"]) / WEIGHTS).is_file()
+    }
+    out: dict[str, Mapping[str, Any] | None] = {}
+    for key, entry in per_budget.items():
+        source = sources.get(entry["trial"]) if entry is not None else None
+        if entry is None or source is None:
+            out[key] = entry
+            continue
+        relative = f"{WEIGHTS_DIR}/{entry['trial']}.safetensors"
+        (work / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, work / relative)
+        out[key] = {**entry, "weights": relative}
+    return out
 
 
 def best_file(

@@ -90,6 +90,8 @@ def sweep(p: TuneParams, context: TrialContext, name: str) -> tuple[list[dict[st
             name=name,
             storage_path=str(Path(p.storage).resolve()),
             failure_config=tune.FailureConfig(max_failures=0),
+            # Each epoch's report carries the weights: keep only each trial's latest.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
         ),
     )

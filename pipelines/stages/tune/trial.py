@@ -7,7 +7,9 @@ second); over the largest budget the config is recorded as ``infeasible`` and ne
 Otherwise :func:`train_config` trains ``tune.epochs`` short epochs with the finetune stage's
 recipe (AdamW, warm-up + cosine, class-balanced cross-entropy, random flips), reporting the
 validation quality after each epoch (so ASHA can stop it), the measured peak memory of a
-training step (:func:`gattn.budget.peak_memory`), images/s and parameters. A trial that
+training step (:func:`gattn.budget.peak_memory`), images/s and parameters. In a sweep each
+report carries a checkpoint of the model's weights (:data:`WEIGHTS`, safetensors; Tune keeps
+the latest), so the finetune stage can start where the trial ended. A trial that
 raises (a bad block option, out of memory) is recorded as ``error``/``oom``: a trial's fault
 never stops the sweep.
 
@@ -19,19 +21,23 @@ its start-up to every trial for no gain.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from gattn.budget import estimate_peak_memory, peak_memory, train_step
 from gattn.inference.preprocess import resize_input
 from gattn.models import build_model
+from gattn.models.io import cpu_state_dict
 from gattn.models.pretrained import load_pretrained
 from pipelines.config import Task, TuneParams
 from pipelines.metrics import METRIC, class_weights, score_resized
@@ -39,6 +45,12 @@ from pipelines.stages.tune.space import model_config, summary, trial_id
 from pipelines.train.loop import warmup_cosine_scheduler
 
 GIB = 2**30
+WEIGHTS = "weights.safetensors"  # in a trial's checkpoint: the model after its last epoch
+
+Report = Callable[[dict[str, Any]], None]
+"""Receives a trial's metrics (after each epoch, or once for a trial that never trains)."""
+ReportModel = Callable[[dict[str, Any], nn.Module], None]
+"""Receives an epoch's metrics with the model as that epoch left it."""
 
 
 def _resize_targets(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -160,7 +172,8 @@ class TrialContext:
 def run_trial(
     sample: Mapping[str, Any],
     context: TrialContext,
-    report: Callable[[dict[str, Any]], None],
+    report: Report,
+    report_model: ReportModel | None = None,
 ) -> dict[str, Any]:
     """Screen, train and measure one sampled config; report after every epoch.
 
@@ -172,6 +185,8 @@ def run_trial(
         sample: One point of :func:`search_space`.
         context: What the sweep's trials share.
         report: Receives each epoch's metrics (``ray.tune.report`` in a sweep).
+        report_model: If given, receives each epoch's metrics with the model instead of
+            ``report`` (a sweep's :func:`trainable` checkpoints the weights with them).
 
     Returns:
         The last report.
@@ -201,7 +216,7 @@ def run_trial(
             row["status"] = "infeasible"
             report(dict(row))
             return row
-        train_config(sample, context, p, cfg, device, row, report)
+        train_config(sample, context, p, cfg, device, row, report, report_model)
     except Exception as err:  # a trial's fault must not stop the sweep
         row["status"] = "oom" if _is_oom(err) else "error"
         row["error"] = f"{type(err).__name__}: {err}"[:2000]
@@ -251,10 +266,12 @@ def train_config(
     cfg: dict[str, Any],
     device: torch.device,
     row: dict[str, Any],
-    report: Callable[[dict[str, Any]], None],
+    report: Report,
+    report_model: ReportModel | None = None,
 ) -> nn.Module:
     """Train ``cfg`` as a trial does and return the model; ``row`` gains the figures, which
-    ``report`` receives after every epoch.
+    ``report`` receives after every epoch (``report_model``, if given, receives them with the
+    model instead).
 
     The recipe is the finetune stage's, over ``p.epochs``: AdamW at the sample's peak
     learning rate with the shared warm-up + cosine schedule
@@ -298,7 +315,10 @@ def train_config(
             train_s=seconds,
             quality=scores[METRIC[context.kind]],
         )
-        report(dict(row))
+        if report_model is not None:
+            report_model(dict(row), model)
+        else:
+            report(dict(row))
     return model
 
 
@@ -307,7 +327,19 @@ def trainable(sample: dict[str, Any], context: TrialContext) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(context.threads)))
-    run_trial(sample, context, lambda metrics: tune.report(_tune_metrics(metrics)))
+    run_trial(
+        sample, context, lambda metrics: tune.report(_tune_metrics(metrics)), report_with_weights
+    )
+
+
+def report_with_weights(metrics: dict[str, Any], model: nn.Module) -> None:
+    """``ray.tune.report`` of an epoch's metrics with a checkpoint holding the model's weights
+    (:data:`WEIGHTS`); Tune persists the folder before this returns."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(cpu_state_dict(model), str(Path(tmp) / WEIGHTS))
+        tune.report(_tune_metrics(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def _tune_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
