@@ -20,11 +20,14 @@ from pipelines.data import open_split
 from pipelines.metrics import score
 from pipelines.registry import resolve_model
 from pipelines.stages.finetune import (
+    FinetuneHooks,
     WorseThanSearchError,
     finetune,
     layer_id,
     load_best,
+    loop_config,
     param_groups,
+    trial_weights,
 )
 from pipelines.stages.pretrain import ENCODER, encoder_config
 
@@ -43,7 +46,13 @@ SEG = {
 }
 
 
-def best_json(path: Path, model: dict, budgets=("0.5", "1.0"), quality: float = 0.0) -> Path:
+def best_json(
+    path: Path,
+    model: dict,
+    budgets=("0.5", "1.0"),
+    quality: float = 0.0,
+    weights: str | None = None,
+) -> Path:
     entry = {
         "trial": "t0",
         "model": model,
@@ -53,6 +62,7 @@ def best_json(path: Path, model: dict, budgets=("0.5", "1.0"), quality: float = 
         "peak_memory_gib": 0.1,
         "images_per_s": 10.0,
         "params": 1000,
+        **({"weights": weights} if weights else {}),
     }
     best = {
         "task": model["task"],
@@ -113,6 +123,86 @@ def test_load_best_picks_the_budget(tmp_path: Path) -> None:
         ContractError, match=r"broken.json.*per_budget.1.0.train.lr: Field required"
     ):
         load_best(tmp_path / "broken.json")
+
+
+def trial_output(folder: Path, seed: int = 7) -> Path:
+    """A tune output folder: best.json whose selected entry has a trial's (seeded) weights."""
+    (folder / "weights").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_model(SEG)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "weights" / "t0.safetensors"),
+    )
+    return best_json(folder / "best.json", SEG, weights="weights/t0.safetensors")
+
+
+def test_init_trial_starts_from_the_trials_weights(
+    tmp_path: Path, prepared: Path, pretrained: Path
+) -> None:
+    """``init: trial``: the model a worker builds is the trial's file, tensor for tensor (not
+    the pretrained encoder, not the seed's initialisation); the run name follows the file."""
+    best = trial_output(tmp_path / "tune")
+    entry = load_best(best)[2]
+    p = FinetuneParams(init="trial", storage=str(tmp_path / "ray"))
+    config = loop_config(p, 0, entry, pretrained, prepared, trial_file=trial_weights(best, entry))
+    hooks = FinetuneHooks(config)
+    model = hooks.build()[0]
+    saved = load_file(str(tmp_path / "tune" / "weights" / "t0.safetensors"))
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+    other = trial_output(tmp_path / "other", seed=8)  # same entry, other weights
+    name = loop_config(p, 0, entry, pretrained, prepared, trial_file=trial_weights(other, entry))
+    pretrained_run = loop_config(FinetuneParams(), 0, entry, pretrained, prepared)
+    names = {config["run_name"], name["run_name"], pretrained_run["run_name"]}
+    assert len(names) == 3  # no run resumes another's checkpoints
+
+
+def test_init_trial_without_weights_is_a_clear_error(
+    tmp_path: Path, prepared: Path, pretrained: Path
+) -> None:
+    old = best_json(tmp_path / "best.json", SEG)  # written before tune kept weights
+    p = FinetuneParams(init="trial", storage=str(tmp_path / "ray"))
+    with pytest.raises(ContractError, match=r"best.json.*no weights.*gattn tune.*init: pretrained"):
+        finetune(p, 0, old, pretrained, prepared, tmp_path / "m", tmp_path / "r")
+    best = trial_output(tmp_path / "tune")
+    (tmp_path / "tune" / "weights" / "t0.safetensors").unlink()
+    with pytest.raises(ContractError, match=r"t0.safetensors: not found.*gattn tune"):
+        trial_weights(best, load_best(best)[2])
+    # Weights of another model (here: a wider head) are refused, not loaded in part.
+    wider = build_model({**SEG, "head_channels": 32})
+    save_file(
+        {k: v.contiguous() for k, v in wider.state_dict().items()},
+        str(tmp_path / "tune" / "weights" / "t0.safetensors"),
+    )
+    entry = load_best(best)[2]
+    config = loop_config(p, 0, entry, pretrained, prepared, trial_file=trial_weights(best, entry))
+    with pytest.raises(ContractError, match="not the weights of the searched model"):
+        FinetuneHooks(config).build()
+
+
+@pytest.mark.slow
+def test_cli_finetunes_from_the_trial(
+    tmp_path: Path, prepared: Path, pretrained: Path, ray_local: None
+) -> None:
+    """``--set finetune.init=trial`` end to end: at a learning rate of ~0 the fine-tuned model
+    is the trial's, and the report says every tensor came from it."""
+    best = trial_output(tmp_path / "tune")
+    section = {"epochs": 1, "lr": 1e-12, "num_workers": 0, "search_tolerance": None}
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"finetune": {**section, "storage": str(tmp_path / "ray")}}))
+    models, reports = tmp_path / "finetuned", tmp_path / "reports"
+    args = ["--params", str(params), "--data", str(prepared), "--pretrained", str(pretrained)]
+    args += ["--best", str(best), "--set", "finetune.init=trial"]
+    assert main(["finetune", *args, "--out", str(models), "--reports", str(reports)]) == 0
+    init = json.loads((reports / "init.json").read_text())
+    saved = load_file(str(tmp_path / "tune" / "weights" / "t0.safetensors"))
+    assert init["init"] == "trial" and sorted(init["matched"]) == sorted(saved)
+    ours = load_file(str(models / "model.safetensors"))
+    params_only = dict(build_model(SEG).named_parameters())  # BN statistics may move
+    assert all(torch.allclose(ours[k], saved[k], atol=1e-6) for k in params_only)
 
 
 @pytest.mark.slow
