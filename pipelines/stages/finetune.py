@@ -23,8 +23,9 @@ resized to the input size, while the context comes from the whole image (what
 large image). The head's context projection starts at zero, so without this it would stay an
 unused no-op.
 
-Reads ``seed``, ``tracking``, ``finetune`` from params.yaml, ``models/tune/best.json``,
-``models/pretrained/`` and ``data/prepared/``. Writes
+Reads ``seed``, ``tracking``, ``finetune`` from params.yaml, ``models/tune/best.json`` (and,
+for ``init: trial``, the trial's weights beside it), ``models/pretrained/`` and
+``data/prepared/``. Writes
 
 - ``models/finetuned/``: a :func:`gattn.models.save_model` folder whose meta is a
   :class:`pipelines.contracts.ModelMeta`, also registered in the MLflow Model Registry under
