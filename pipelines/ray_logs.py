@@ -5,7 +5,7 @@ logged, so a stage's terminal output is its own progress.
 runs :func:`quiet_benign_warnings` in the driver and, by :func:`setup_worker` (Ray's
 ``worker_process_setup_hook``), in every worker process (controllers, helper actors, training
 workers) before their code runs.
-Only these loggers' warnings go; their errors, and every other logger, still show. This module
+Only these loggers' notices and warnings go; their errors, and every other logger, still show. This module
 imports nothing else, as each Ray worker process imports it at start.
 """
 
@@ -25,6 +25,11 @@ BENIGN_WARNINGS: dict[str, str] = {
         "Ray Train registers its workers with an autoscaling coordinator; a single node has "
         "no autoscaler, and on a busy machine the coordinator's 5 s reply timeout printed a "
         "traceback ('safe to ignore', says the message)"
+    ),
+    "ray.train._internal.storage": (
+        "every tune trial checkpoints its weights each epoch (the weights finetune can start "
+        "from), and each checkpoint logged a 'Checkpoint successfully created' line: 48 lines "
+        "for the default sweep"
     ),
     "ray._private.authentication.authentication_token_setup": (
         "the notice, once per stage, that token authentication is on by default (it stays on)"
