@@ -5,8 +5,8 @@ logged, so a stage's terminal output is its own progress.
 runs :func:`quiet_benign_warnings` in the driver and, by :func:`setup_worker` (Ray's
 ``worker_process_setup_hook``), in every worker process (controllers, helper actors, training
 workers) before their code runs.
-Only these loggers' notices and warnings go; their errors, and every other logger, still show. This module
-imports nothing else, as each Ray worker process imports it at start.
+Only these loggers' notices and warnings go; their errors, and every other logger, still
+show. This module imports nothing else, as each Ray worker process imports it at start.
 """
 
 from __future__ import annotations
