@@ -317,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ray Train's local mode: the same loop in this process, bit-identical to one Ray Train
     # worker (tests/pipelines/test_finetune.py), which the "Ray Train worker" variant runs.
     base = {"num_workers": 0}
-    if not fits:  # no encoder for this backbone: the stage would fail or train from scratch
-        base["init"] = "scratch"
+    # The variants start as before (the fixed point's entry carries no trial weights): from the
+    # pretrained encoder where it fits the backbone, else from scratch.
+    base["init"] = "pretrained" if fits else "scratch"
     params = params.model_copy(update={"finetune": params.finetune.model_copy(update=base)})
     for name in args.variants:
         if "init" in (VARIANTS[name] or {}) and not fits:

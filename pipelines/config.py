@@ -312,7 +312,7 @@ class FinetuneParams(Section):
     """
 
     budget_gib: float | None = Field(None, gt=0)
-    init: Literal["pretrained", "scratch", "trial"] = "pretrained"
+    init: Literal["pretrained", "scratch", "trial"] = "trial"
     epochs: int = Field(12, ge=1)
     batch_size: int | None = Field(None, ge=1)  # per worker; null: best.json's
     lr: float | None = Field(None, gt=0)  # peak AdamW lr; null: best.json's

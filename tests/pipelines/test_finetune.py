@@ -155,7 +155,7 @@ def test_init_trial_starts_from_the_trials_weights(
 
     other = trial_output(tmp_path / "other", seed=8)  # same entry, other weights
     name = loop_config(p, 0, entry, pretrained, prepared, trial_file=trial_weights(other, entry))
-    pretrained_run = loop_config(FinetuneParams(), 0, entry, pretrained, prepared)
+    pretrained_run = loop_config(FinetuneParams(init="pretrained"), 0, entry, pretrained, prepared)
     names = {config["run_name"], name["run_name"], pretrained_run["run_name"]}
     assert len(names) == 3  # no run resumes another's checkpoints
 
@@ -210,6 +210,7 @@ def test_cli_finetunes_keeps_the_best_epoch_and_registers_the_champion(
     tmp_path: Path, prepared: Path, pretrained: Path, ray_local: None
 ) -> None:
     section = {
+        "init": "pretrained",  # the hand-written best.json has no trial weights
         "epochs": 2,
         "warmup_epochs": 0.5,
         "cpus_per_worker": 1,
@@ -264,6 +265,7 @@ def test_finetune_is_deterministic_in_a_ray_worker_and_in_process(
     runs = []
     for workers in (1, 0):
         p = FinetuneParams(
+            init="pretrained",
             epochs=2,
             warmup_epochs=0.5,
             cpus_per_worker=1,
@@ -282,7 +284,9 @@ def test_finetune_is_deterministic_in_a_ray_worker_and_in_process(
 
     claimed = a["metrics"]["search_split_score"] + 0.05
     better = best_json(tmp_path / "better.json", SEG, quality=claimed)
-    p = FinetuneParams(epochs=2, warmup_epochs=0.5, cpus_per_worker=1, num_workers=0)
+    p = FinetuneParams(
+        init="pretrained", epochs=2, warmup_epochs=0.5, cpus_per_worker=1, num_workers=0
+    )
     p = p.model_copy(update={"storage": str(tmp_path / "ray0")})
     with pytest.raises(WorseThanSearchError, match="search_tolerance"):
         finetune(p, 0, better, pretrained, prepared, tmp_path / "m-worse", tmp_path / "r2")
