@@ -6,7 +6,11 @@ runs :func:`quiet_benign_warnings` in the driver and, by :func:`setup_worker` (R
 ``worker_process_setup_hook``), in every worker process (controllers, helper actors, training
 workers) before their code runs.
 Only these loggers' notices and warnings go; their errors, and every other logger, still
-show. This module imports nothing else, as each Ray worker process imports it at start.
+show. They go by a filter on each logger, not by its level: Ray Train configures its
+``ray.train`` logger with :func:`logging.config.dictConfig` when a controller or training
+worker starts, which resets the level of every existing ``ray.train.*`` logger to ``NOTSET``
+(the standard library's handling of child loggers) but keeps their filters. This module
+imports nothing else, as each Ray worker process imports it at start.
 """
 
 from __future__ import annotations
@@ -31,18 +35,52 @@ BENIGN_WARNINGS: dict[str, str] = {
         "from), and each checkpoint logged a 'Checkpoint successfully created' line: 48 lines "
         "for the default sweep"
     ),
+    "ray.train.v2._internal.execution.storage": (
+        "the same 'Checkpoint successfully created' line from Ray Train's own runs (pretrain, "
+        "finetune), once per epoch; the stage prints its own line per epoch"
+    ),
+    "ray.train.v2._internal.execution.context": (
+        "'Reporting training result N: TrainingReport(...)', once per epoch of a Ray Train "
+        "run, repeating the checkpoint path and metrics the stage prints itself"
+    ),
     "ray._private.authentication.authentication_token_setup": (
         "the notice, once per stage, that token authentication is on by default (it stays on)"
     ),
 }
 
+# Modules of BENIGN_WARNINGS whose logger is named by the module's file path
+# (``logging.getLogger(__file__)``), not by the module's name.
+LOGGER_NAMED_BY_FILE = frozenset({"ray.train.v2._internal.execution.context"})
+
 WORKER_SETUP_HOOK = f"{__name__}.setup_worker"  # for ray.init(runtime_env=...)
 
 
+class ErrorsOnly(logging.Filter):
+    """Drops the records below ``ERROR`` that are logged on the logger it is attached to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def logger_name(module: str) -> str:
+    """The name of the logger ``module`` logs to: its own name, or for a module of
+    :data:`LOGGER_NAMED_BY_FILE` its file's path (found without running the module; its
+    parent packages are imported)."""
+    if module not in LOGGER_NAMED_BY_FILE:
+        return module
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    return spec.origin if spec is not None and spec.origin else module
+
+
 def quiet_benign_warnings() -> None:
-    """Raise the loggers of :data:`BENIGN_WARNINGS` to ``ERROR`` in this process."""
+    """Attach :class:`ErrorsOnly` to each logger of :data:`BENIGN_WARNINGS` in this process
+    (once, however often it is called)."""
     for name in BENIGN_WARNINGS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(logger_name(name))
+        if not any(isinstance(f, ErrorsOnly) for f in logger.filters):
+            logger.addFilter(ErrorsOnly())
 
 
 def setup_worker() -> None:

@@ -9,6 +9,7 @@ output and Ray's errors still come through.
 from __future__ import annotations
 
 import logging
+import logging.config
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ray_logs import BENIGN_WARNINGS, quiet_benign_warnings
+from pipelines.ray_logs import BENIGN_WARNINGS, ErrorsOnly, logger_name, quiet_benign_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,13 +49,46 @@ print(f"progress: trained in {wall:.1f} s", flush=True)
 """
 
 
-def test_only_the_benign_warnings_are_silenced() -> None:
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_only_the_benign_warnings_are_silenced_even_after_ray_train_configures_logging() -> None:
     quiet_benign_warnings()
-    for name in BENIGN_WARNINGS:
-        logger = logging.getLogger(name)
-        assert not logger.isEnabledFor(logging.WARNING)
-        assert logger.isEnabledFor(logging.ERROR)  # real errors still show
-    assert logging.getLogger("ray.train").isEnabledFor(logging.WARNING)
+    quiet_benign_warnings()  # idempotent: one filter per logger
+    # What Ray Train's LoggingManager does when a controller or worker starts: dictConfig of
+    # "ray.train", which resets the level of every existing ray.train.* logger to NOTSET.
+    collect = _Collect()
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "loggers": {"ray.train": {"level": "DEBUG", "propagate": False}},
+        }
+    )
+    for name in ("ray.train", "ray", ""):
+        logging.getLogger(name).addHandler(collect)
+    try:
+        for name in BENIGN_WARNINGS:
+            logger = logging.getLogger(logger_name(name))
+            assert sum(isinstance(f, ErrorsOnly) for f in logger.filters) == 1
+            logger.warning("benign %s", name)
+            logger.error("real %s", name)  # real errors still show
+        logging.getLogger("ray.train.v2.other").warning("other warning")
+    finally:
+        for name in ("ray.train", "ray", ""):
+            logging.getLogger(name).removeHandler(collect)
+        logging.getLogger("ray.train").propagate = True
+    assert not [m for m in collect.messages if m.startswith("benign")]
+    assert {m for m in collect.messages if m.startswith("real")} == {
+        f"real {name}" for name in BENIGN_WARNINGS
+    }
+    assert "other warning" in collect.messages
 
 
 @pytest.mark.slow  # a local Ray and one Ray Train run: about a minute on 2 cores
@@ -77,5 +111,7 @@ def test_a_ray_train_run_prints_its_progress_without_ray_noise(tmp_path: Path) -
         "Failed to send resource request",
         "Found multiple active Ray instances",
         "PlacementGroupCleaner",
+        "Checkpoint successfully created",
+        "Reporting training result",
     ):
         assert noise not in text, text[-3000:]
