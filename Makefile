@@ -1,12 +1,16 @@
 # make test: set up .venv from nothing and run the test suite.
 # make run:  set up .venv from nothing and run the main job (the DVC pipeline on the default data).
 # make lint: ruff (lint and format) and mypy (settings in pyproject.toml's [tool.mypy]).
+# make fashion-mnist: link Debian's Fashion-MNIST files (apt-get install dataset-fashion-mnist)
+#   into data/external/FashionMNIST/raw/, where `data.task: torchvision-cls` reads them with
+#   `data.dataset: FashionMNIST` and `data.root: data/external` (prepare extracts the .gz files).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test run lint bench clean
+.PHONY: setup test run lint bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +33,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check gattn pipelines tests benchmarks
 	$(BIN)/ruff format --check gattn pipelines tests benchmarks
 	$(BIN)/mypy
+
+fashion-mnist:
+	@test -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz || { \
+	  echo "no Fashion-MNIST files in $(FASHION_MNIST): apt-get install dataset-fashion-mnist" \
+	       "(or make fashion-mnist FASHION_MNIST=/folder/of/the/.gz/files)"; exit 1; }
+	mkdir -p data/external/FashionMNIST/raw
+	ln -sf $(FASHION_MNIST)/*-ubyte.gz data/external/FashionMNIST/raw/
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/modules.py

@@ -92,7 +92,32 @@ TASK_KINDS: dict[str, Task] = {
     "pathfinder": "cls",
     "folder-cls": "cls",
     "folder-seg": "seg",
+    "torchvision-cls": "cls",
 }
+# ``torchvision.datasets`` classes with a standard train/test split that ``torchvision-cls``
+# reads: the names of :data:`gattn.data.torchvision_sets.TRAIN_TEST` (a test keeps the two
+# equal), spelt out so that loading params.yaml imports no torch.
+TorchvisionSet = Literal[
+    "MNIST",
+    "FashionMNIST",
+    "KMNIST",
+    "QMNIST",
+    "USPS",
+    "CIFAR10",
+    "CIFAR100",
+    "SVHN",
+    "STL10",
+    "GTSRB",
+    "Food101",
+    "Flowers102",
+    "DTD",
+    "Country211",
+    "RenderedSST2",
+    "StanfordCars",
+    "FGVCAircraft",
+    "OxfordIIITPet",
+    "Imagenette",
+]
 
 
 class TrackingParams(Section):
@@ -114,17 +139,25 @@ class LargeImagesParams(Section):
 class DataParams(Section):
     """The ``prepare`` stage: which data, how many, how large, how split.
 
-    ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``) or your own images:
+    ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``), your own images:
     ``folder-cls`` (ImageFolder layout) or ``folder-seg`` (``images/`` + ``masks/``) under
-    ``root``. ``num_classes`` (folder-seg) is read from the masks when ``null`` (the largest
-    value other than 255, plus one). ``num_samples``, ``image_size``, ``generator`` and
-    ``large`` shape the generated benchmarks only: your images are used as they are, at any
-    size.
+    ``root``, or ``torchvision-cls``: the ``torchvision.datasets`` class named ``dataset``
+    read from ``root`` in its own layout (``download``: fetch it there if missing), whose test
+    part is the test split and whose train part gives the train and ``val_fraction`` val
+    splits. ``num_samples`` is the number of generated samples, or for ``torchvision-cls`` at
+    most that many images, drawn (seeded) from both parts in their ratio (``null``: all);
+    your folders are used whole. ``num_classes`` (folder-seg) is read from the masks when
+    ``null`` (the largest value other than 255, plus one). ``image_size``, ``generator`` and
+    ``large`` shape the generated benchmarks only: other images are used at their size.
     """
 
-    task: Literal["cue-seg", "pathfinder", "folder-cls", "folder-seg"] = "cue-seg"  # TASK_KINDS
+    task: Literal["cue-seg", "pathfinder", "folder-cls", "folder-seg", "torchvision-cls"] = (
+        "cue-seg"  # TASK_KINDS
+    )
     root: str | None = None
-    num_samples: int = Field(800, ge=3)
+    dataset: TorchvisionSet | None = None
+    download: bool = False
+    num_samples: int | None = Field(800, ge=3)
     image_size: int = Field(64, ge=16)
     num_classes: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.15, gt=0, lt=1)
@@ -137,18 +170,43 @@ class DataParams(Section):
     def _check(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave room for a train split")
-        if self.task.startswith("folder"):
-            if not self.root:
-                raise ValueError(f"task {self.task!r} reads your images: set data.root")
-        elif self.root:
+        generated = self.task in ("cue-seg", "pathfinder")
+        if not generated and not self.root:
+            what = "a torchvision data set" if self.task == "torchvision-cls" else "your images"
+            raise ValueError(f"task {self.task!r} reads {what}: set data.root")
+        if generated and self.root:
             raise ValueError(
                 f"data.root: task {self.task!r} generates its images and reads no folder; "
-                "set data.task to folder-cls or folder-seg to use yours (or root: null)"
+                "set data.task to folder-cls, folder-seg or torchvision-cls to use other "
+                "images (or root: null)"
             )
+        if generated and self.num_samples is None:
+            raise ValueError(
+                f"data.num_samples: task {self.task!r} generates that many samples: set a "
+                "number (null, all images, is for torchvision-cls)"
+            )
+        if self.generator and not generated:
+            raise ValueError(
+                f"data.generator: options of the generated tasks; task {self.task!r} "
+                "generates nothing: use {}"
+            )
+        if self.task == "torchvision-cls" and self.dataset is None:
+            raise ValueError(
+                "data.dataset: task 'torchvision-cls' reads the torchvision data set of that "
+                "name: set one, e.g. FashionMNIST"
+            )
+        if self.task != "torchvision-cls":
+            for key in ("dataset", "download"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"data.{key}: set for torchvision-cls only (task {self.task!r}); "
+                        f"use {'null' if key == 'dataset' else 'false'}"
+                    )
         if self.num_classes is not None and self.task != "folder-seg":
             raise ValueError(
                 f"data.num_classes: set for folder-seg only (task {self.task!r} knows its "
-                "classes: the generated ones, or folder-cls's sub-folders); use null"
+                "classes: the generated ones, folder-cls's sub-folders or the data set's); "
+                "use null"
             )
         return self
 

@@ -2,10 +2,11 @@
 
 The ``prepare`` stage writes ``data/prepared/splits.json`` (which images form the train, val
 and test splits, the classes, where the images live, the task) and, for a generated benchmark,
-the images themselves; every later stage reads the data through this module, never through
-``prepare``'s code. :func:`load_tensors` holds a (small) split in memory as one tensor: the tune
-stage trains every trial from one copy, and the finetune stage scores its model on the
-search's validation images.
+the images themselves; a split names an image by its path under the images' root, or for a
+torchvision data set by its key (``train/00042``: its part and index). Every later stage reads
+the data through this module, never through ``prepare``'s code. :func:`load_tensors` holds a
+(small) split in memory as one tensor: the tune stage trains every trial from one copy, and
+the finetune stage scores its model on the search's validation images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from gattn.data import ImageFolderDataset, SegmentationFolderDataset, SyntheticDataset
+from gattn.data import (
+    ImageFolderDataset,
+    SegmentationFolderDataset,
+    SyntheticDataset,
+    TorchvisionDataset,
+)
 from pipelines.config import Task
 from pipelines.paths import PREPARED, SPLITS_JSON
 
@@ -49,6 +55,12 @@ def images_root(prepared: Path, info: dict[str, Any]) -> Path:
     return root if root.is_absolute() else Path(prepared) / root
 
 
+def sample_name(sample: Any, root: Path) -> str:
+    """How ``splits.json`` names a data set's sample (its first element): a torchvision set's
+    key as it is, an image path relative to the images' ``root``."""
+    return sample if isinstance(sample, str) else Path(sample).relative_to(root).as_posix()
+
+
 def open_split(
     split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
 ) -> Split:
@@ -63,14 +75,16 @@ def open_split(
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     root = images_root(prepared, info)
+    full: SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset | TorchvisionDataset
     if info["task"] in GENERATED:
-        full: SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset
         full = SyntheticDataset(root, transform=transform, check="none")
+    elif info["task"] == "torchvision-cls":
+        full = TorchvisionDataset(info["dataset"], root, transform=transform)
     elif info["task"] == "folder-cls":
         full = ImageFolderDataset(root, transform=transform, check="none")
     else:
         full = SegmentationFolderDataset(root, len(info["classes"]), transform, check="none")
-    position = {Path(p).relative_to(root).as_posix(): i for i, (p, _) in enumerate(full.samples)}
+    position = {sample_name(p, root): i for i, (p, _) in enumerate(full.samples)}
     wanted = info[split]
     missing = [p for p in wanted if p not in position]
     if missing:
@@ -87,8 +101,9 @@ def subset(ds: Split, limit: int | None) -> Split:
 
 
 def data_fingerprint(prepared: Path) -> str:
-    """A hash of the prepared data's description: its splits and, if generated, its manifest.
-    Part of every Ray run name, so that a run never resumes on other data."""
+    """A hash of the prepared data's description: its splits (for a torchvision data set with
+    a hash of its images and labels) and, if generated, its manifest. Part of every Ray run
+    name, so that a run never resumes on other data."""
     prepared = Path(prepared)
     digest = hashlib.sha256((prepared / SPLITS_JSON).read_bytes())
     manifest = images_root(prepared, read_splits(prepared)) / "manifest.json"
@@ -122,12 +137,15 @@ def load_tensors(
 
 
 def native_size(prepared: Path, largest: int | None = None) -> int:
-    """The side a split is held at: a generated data set's one image side; for your own
-    images (``folder-*`` tasks, any sizes) ``largest``, the largest resolution a trial trains
-    at, so no image is forced to the first one's size (and a large first photo does not make
-    every tensor large). Without ``largest``, the first training image's side."""
+    """The side a split is held at: a generated data set's one image side, or a torchvision
+    data set's when its images share one size; for images of any sizes (your ``folder-*``
+    images, some torchvision sets) ``largest``, the largest resolution a trial trains at, so no
+    image is forced to the first one's size (and a large first photo does not make every
+    tensor large). Without ``largest``, the first training image's side."""
     info = read_splits(prepared)
-    if largest is not None and str(info.get("task", "")).startswith("folder"):
+    if info.get("image_size"):  # one size throughout (prepare found it)
+        return int(info["image_size"])
+    if largest is not None and info.get("task") not in GENERATED:
         return int(largest)
     image = open_split("train", prepared)[0][0]
     return int(max(image.shape[-2:]))

@@ -1,4 +1,5 @@
-"""Data layer: the generated global-context benchmark, folder data sets and training views."""
+"""Data layer: the generated global-context benchmark, folder and torchvision data sets, and
+training views."""
 
 from gattn.data.cue_seg import CUE_PALETTE, CueSegConfig, cue_seg_sample
 from gattn.data.datasets import (
@@ -21,6 +22,7 @@ from gattn.data.synthetic import (
     synthetic_sample,
     verify_manifest,
 )
+from gattn.data.torchvision_sets import TRAIN_TEST, TorchvisionDataset, unpack_gzipped
 from gattn.data.views import (
     MultiCropViews,
     MultiScaleViews,
@@ -35,6 +37,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMG_EXTENSIONS",
     "TASKS",
+    "TRAIN_TEST",
     "CueSegConfig",
     "DataLayoutError",
     "ImageFolderDataset",
@@ -44,6 +47,7 @@ __all__ = [
     "PathfinderConfig",
     "SegmentationFolderDataset",
     "SyntheticDataset",
+    "TorchvisionDataset",
     "cue_seg_sample",
     "generate",
     "infer_num_classes",
@@ -59,5 +63,6 @@ __all__ = [
     "synthetic_sample",
     "to_float",
     "to_mode",
+    "unpack_gzipped",
     "verify_manifest",
 ]

@@ -59,10 +59,11 @@ SEG_LAYOUT = """root/
 
 
 class DataLayoutError(ValueError):
-    """A data folder is missing, empty or not laid out as expected."""
+    """A data folder is missing, empty or not laid out as expected (``layout``: the expected
+    one, shown after the problem; None: the problem says it all)."""
 
-    def __init__(self, problem: str, layout: str) -> None:
-        super().__init__(f"{problem}\nExpected layout:\n{layout}")
+    def __init__(self, problem: str, layout: str | None) -> None:
+        super().__init__(f"{problem}\nExpected layout:\n{layout}" if layout else problem)
 
 
 def _is_image(path: Path) -> bool:

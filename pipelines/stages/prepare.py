@@ -4,7 +4,8 @@ Reads ``seed``, ``tracking`` and ``data`` from params.yaml. Writes
 
 - ``data/prepared/``: ``dataset/`` (the generated benchmark, when ``data.task`` is one),
   ``large/`` (large generated test images for sliding-window evaluation), ``splits.json``
-  (train/val/test image paths, classes, where the images live);
+  (train/val/test image paths, or keys of a torchvision data set, classes, where the images
+  live);
 - ``reports/prepare/``: ``metrics.json`` (``dvc metrics``), ``class_balance.csv`` and
   ``samples.png`` (``dvc plots``), ``report.json`` (skipped files, sizes).
 
@@ -15,6 +16,7 @@ run never leaves a half-written ``data/prepared`` that looks complete.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import Counter
@@ -25,16 +27,19 @@ import numpy as np
 from PIL import Image
 
 from gattn.data import (
+    DataLayoutError,
     ImageFolderDataset,
     SegmentationFolderDataset,
     SyntheticDataset,
+    TorchvisionDataset,
     generate,
     open_image,
     oriented_size,
+    to_mode,
 )
 from gattn.diagnostics import sample_grid
 from pipelines.config import Params, Task, add_params_arguments, load_params
-from pipelines.data import GENERATED, SPLITS
+from pipelines.data import GENERATED, SPLITS, sample_name
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARE_REPORTS, PREPARED, SPLITS_JSON
 
@@ -52,7 +57,60 @@ def split_indices(n: int, val: float, test: float, seed: int) -> dict[str, list[
     }
 
 
-FullSet = SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset
+def part_split(
+    train_part: int, test_part: int, limit: int | None, val: float, seed: int
+) -> dict[str, list[int]]:
+    """Splits of a data set published as a train part and a test part (its samples: the train
+    part's, then the test part's): ``test`` is the test part, ``val`` a seeded random ``val``
+    fraction of the train part, ``train`` the rest. With ``limit``, at most that many samples
+    in all, drawn (seeded) from both parts in their ratio."""
+    total = train_part + test_part
+    n_train, n_test = train_part, test_part
+    if limit is not None and limit < total:
+        n_test = min(test_part, max(1, round(limit * test_part / total)))
+        n_train = limit - n_test
+    n_val = max(1, round(n_train * val))
+    if n_train - n_val < 1 or n_test < 1:
+        raise ValueError(
+            f"{n_train} + {n_test} samples (train part + test part) are too few for a "
+            "train/val/test split"
+        )
+    rng = np.random.default_rng([seed, 7])
+    train = rng.permutation(train_part)[:n_train]
+    test = np.sort(rng.permutation(test_part)[:n_test]) + train_part
+    return {
+        "test": test.tolist(),
+        "val": sorted(train[:n_val].tolist()),
+        "train": sorted(train[n_val:].tolist()),
+    }
+
+
+FullSet = SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset | TorchvisionDataset
+
+
+def _open_torchvision(params: Params, root: Path) -> TorchvisionDataset:
+    """The torchvision data set ``data.dataset`` under ``root``; a missing one is an error that
+    says how this project gets it."""
+    d = params.data
+    if d.dataset is None:  # DataParams refuses torchvision-cls without a data set
+        raise ValueError("data.dataset: required for data.task 'torchvision-cls'")
+    t0 = time.perf_counter()
+    try:
+        dataset = TorchvisionDataset(d.dataset, root, download=d.download)
+    except DataLayoutError as err:
+        fix = "set data.download: true (torchvision fetches it into data.root; needs a network)"
+        if d.dataset == "FashionMNIST":
+            fix = (
+                "`make fashion-mnist` links Debian's files (apt-get install "
+                "dataset-fashion-mnist) into data/external/FashionMNIST/raw/, then set "
+                f"data.root: data/external; or {fix}"
+            )
+        raise DataLayoutError(
+            f"data.root: {err}\nIn this project: {fix}",
+            None,
+        ) from None
+    print(f"prepare: opened {d.dataset} in {root} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return dataset
 
 
 def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
@@ -60,6 +118,8 @@ def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
     d = params.data
     if d.task in GENERATED:
         root = work / "dataset"
+        if d.num_samples is None:  # DataParams refuses a generated task without a count
+            raise ValueError(f"data.num_samples: required for data.task {d.task!r}")
         t0 = time.perf_counter()
         manifest = generate(d.task, root, d.num_samples, d.image_size, params.seed, **d.generator)
         print(
@@ -71,6 +131,8 @@ def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
     if d.root is None:  # DataParams refuses a folder-* task without a root
         raise ValueError(f"data.root: required for data.task {d.task!r}")
     root = Path(d.root).resolve()
+    if d.task == "torchvision-cls":
+        return _open_torchvision(params, root), root, "cls"
     if d.task == "folder-cls":
         return ImageFolderDataset(root), root, "cls"
     return SegmentationFolderDataset(root, num_classes=d.num_classes), root, "seg"
@@ -112,11 +174,32 @@ def _image_sizes(dataset: FullSet) -> Counter[str]:
     return sizes
 
 
+def scan_torchvision(dataset: TorchvisionDataset, indices: list[int]) -> tuple[Counter[str], str]:
+    """How many of the samples ``indices`` have each image ``WxH``, and a SHA-256 of their
+    pixels and labels (in ``splits.json``, so that the data fingerprint changes with the data
+    set's content, not only with its name)."""
+    sizes: Counter[str] = Counter()
+    digest = hashlib.sha256()
+    for i in indices:
+        image = dataset.image(i)
+        sizes[f"{image.width}x{image.height}"] += 1
+        digest.update(
+            f"{image.mode} {image.width}x{image.height} {dataset.samples[i][1]};".encode()
+        )
+        digest.update(image.tobytes())
+    return sizes, digest.hexdigest()
+
+
+def _rgb(dataset: FullSet, i: int) -> np.ndarray:
+    """Sample ``i``'s image as an RGB array (for the samples grid)."""
+    if isinstance(dataset, TorchvisionDataset):
+        return np.asarray(to_mode(dataset.image(i), "RGB"))
+    return np.asarray(open_image(dataset.samples[i][0], "RGB"))
+
+
 def _grid(dataset: Any, indices: list[int], names: list[str], count: int, path: Path) -> None:
     chosen = indices[:count]
-    images = []
-    for i in chosen:
-        images.append(np.asarray(open_image(dataset.samples[i][0], "RGB")))
+    images = [_rgb(dataset, i) for i in chosen]
     targets = [_load_target(dataset, i) for i in chosen]
     sample_grid(images, targets, names, path, title="train samples with their labels")
 
@@ -130,6 +213,32 @@ def _write_balance_csv(path: Path, names: list[str], balance: dict[str, list[flo
     write_csv(path, rows, ["split", "class", "fraction"])
 
 
+def _split_torchvision(
+    params: Params, dataset: TorchvisionDataset
+) -> tuple[dict[str, list[int]], Counter[str], dict[str, Any]]:
+    """Split a torchvision data set by its parts (:func:`part_split`) and read the images used.
+    Returns (splits, image sizes, the data set's description for ``splits.json``)."""
+    d, t0 = params.data, time.perf_counter()
+    parts = {part: dataset.part_size(part) for part in ("train", "test")}
+    splits = part_split(parts["train"], parts["test"], d.num_samples, d.val_fraction, params.seed)
+    used = sorted(i for s in SPLITS for i in splits[s])
+    sizes, content = scan_torchvision(dataset, used)
+    print(
+        f"prepare: {dataset.name}: {len(used)} of {len(dataset)} images (train part "
+        f"{parts['train']}, test part {parts['test']}; data.num_samples: {d.num_samples}) "
+        f"read in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
+    side = max(int(v) for v in next(iter(sizes)).split("x")) if len(sizes) == 1 else None
+    source = {
+        "dataset": dataset.name,
+        "parts": parts,
+        "image_size": side,
+        "content_sha256": content,
+    }
+    return splits, sizes, source
+
+
 def write_splits(
     work: Path,
     params: Params,
@@ -138,13 +247,15 @@ def write_splits(
     kind: Task,
     names: list[str],
     splits: dict[str, list[int]],
+    source: dict[str, Any] | None = None,
 ) -> None:
     """``splits.json`` in the staging folder ``work``: the task, its classes, where the images
-    live (relative to the prepared folder when generated into it) and each split's image
-    paths relative to that root."""
+    live (relative to the prepared folder when generated into it), each split's image paths
+    relative to that root (a torchvision data set's keys), and ``source``'s entries (a
+    torchvision data set's name, image size and content hash)."""
 
     def rel(i: int) -> str:
-        return Path(dataset.samples[i][0]).relative_to(root).as_posix()
+        return sample_name(dataset.samples[i][0], root)
 
     in_work = root.is_relative_to(work)
     write_json(
@@ -155,6 +266,7 @@ def write_splits(
             "classes": names,
             "root": root.relative_to(work).as_posix() if in_work else str(root),
             "large": "large" if (work / "large").is_dir() else None,
+            **(source or {}),
             **{s: [rel(i) for i in splits[s]] for s in SPLITS},
         },
     )
@@ -170,7 +282,12 @@ def prepare(
 
     dataset, root, kind = _index(params, work)
     names = _class_names(dataset, kind)
-    splits = split_indices(len(dataset), d.val_fraction, d.test_fraction, params.seed)
+    source: dict[str, Any] | None = None  # a torchvision data set's description
+    if isinstance(dataset, TorchvisionDataset):
+        splits, sizes, source = _split_torchvision(params, dataset)
+    else:
+        splits = split_indices(len(dataset), d.val_fraction, d.test_fraction, params.seed)
+        sizes = _image_sizes(dataset)
     if d.task in GENERATED and d.large.num_samples:
         generate(
             d.task,
@@ -181,26 +298,28 @@ def prepare(
             **d.generator,
         )
 
-    write_splits(work, params, dataset, root, kind, names, splits)
+    write_splits(work, params, dataset, root, kind, names, splits, source)
 
     balance = {s: class_balance(dataset, splits[s]) for s in SPLITS}
     reports_dir.mkdir(parents=True, exist_ok=True)
     _grid(dataset, splits["train"], names, d.grid_samples, reports_dir / "samples.png")
     _write_balance_csv(reports_dir / "class_balance.csv", names, balance)
     metrics = {
-        "num_samples": len(dataset),
+        "num_samples": sum(len(splits[s]) for s in SPLITS),
         "num_skipped": len(dataset.skipped),
         "num_classes": len(names),
         **{f"num_{s}": len(splits[s]) for s in SPLITS},
         "num_large": d.large.num_samples if (work / "large").is_dir() else 0,
     }
-    report = {
+    report: dict[str, Any] = {
         "metrics": metrics,
         "classes": names,
         "class_balance": balance,
-        "image_sizes": dict(_image_sizes(dataset)),
+        "image_sizes": dict(sizes),
         "skipped": [{"path": p, "reason": r} for p, r in dataset.skipped],
     }
+    if source:
+        report["source"] = {**source, "root": str(root)}
     write_json(reports_dir / "report.json", report)
     write_json(reports_dir / "metrics.json", metrics)
 

@@ -106,7 +106,9 @@ def test_every_default_holds_for_every_task(tmp_path: Path, task: str) -> None:
 
     from pipelines.stages.tune.space import search_space
 
-    root = ["data.root=photos"] if task.startswith("folder") else []
+    root = [] if task in ("cue-seg", "pathfinder") else ["data.root=photos"]
+    if task == "torchvision-cls":
+        root.append("data.dataset=FashionMNIST")
     params = load_params(ROOT / "params.yaml", [f"data.task={task}", *root])
     kind = params.data.kind
     space = search_space(params.tune, kind)
@@ -129,6 +131,44 @@ def test_task_and_data_keys_must_fit(tmp_path: Path) -> None:
     point = POINT.replace("head: fcn, ", "")  # classification: no head knob
     text = f"data:\n  task: pathfinder\ntune:\n  points_to_evaluate: [{point}]\n"
     assert load_params(write(tmp_path, text)).tune.points("cls")[0]["module"] == "ppm"
+
+
+def test_torchvision_task_and_its_keys_must_fit(tmp_path: Path) -> None:
+    tv = "data:\n  task: torchvision-cls\n  root: ext\n"
+    params = load_params(write(tmp_path, tv + "  dataset: FashionMNIST\n  num_samples: null\n"))
+    assert params.data.kind == "cls" and params.data.num_samples is None
+    assert params.data.download is False
+    cases = {
+        # an unknown name: the key and the valid choices
+        tv + "  dataset: FashionMnist\n": r"data\.dataset: .*'MNIST', 'FashionMNIST'.*"
+        r"\(got 'FashionMnist'\)",
+        tv: r"data\.dataset: task 'torchvision-cls' reads the torchvision data set",
+        "data:\n  task: torchvision-cls\n  dataset: MNIST\n": r"reads a torchvision data set: "
+        r"set data\.root",
+        "data:\n  dataset: MNIST\n": r"data\.dataset: set for torchvision-cls only \(task "
+        r"'cue-seg'\)",
+        "data:\n  task: folder-cls\n  root: x\n  download: true\n": r"data\.download: set for "
+        r"torchvision-cls only",
+        tv + "  dataset: MNIST\n  generator: {num_cues: 3}\n": r"data\.generator: .*generates "
+        r"nothing",
+        "data:\n  task: folder-seg\n  root: x\n  generator: {a: 1}\n": r"data\.generator",
+        "data:\n  num_samples: null\n": r"data\.num_samples: task 'cue-seg' generates",
+        "data:\n  root: x\n": r"folder-cls, folder-seg or torchvision-cls",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ParamsError, match=message):
+            load_params(write(tmp_path, text))
+
+
+def test_params_spell_out_the_supported_torchvision_sets() -> None:
+    """``data.dataset``'s choices are written out in pipelines/config.py (loading params
+    imports no torch): they must be the data sets gattn opens."""
+    import typing
+
+    from gattn.data.torchvision_sets import TRAIN_TEST
+    from pipelines.config import TorchvisionSet
+
+    assert list(typing.get_args(TorchvisionSet)) == list(TRAIN_TEST)
 
 
 def test_serve_app_args_are_the_serve_sections_request_settings() -> None:

@@ -34,7 +34,18 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV_BIN = Path(".venv/bin")
 # Programs that are not the project's: system, cloud and container tools a user brings.
-EXTERNAL = {"make", "curl", "git", "cp", "export", "kubectl", "docker", "openssl", "cd"}
+EXTERNAL = {
+    "make",
+    "curl",
+    "git",
+    "cp",
+    "export",
+    "kubectl",
+    "docker",
+    "openssl",
+    "cd",
+    "apt-get",
+}
 
 
 @dataclass(frozen=True)
