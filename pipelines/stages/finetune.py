@@ -1,15 +1,17 @@
-"""``finetune`` stage: supervised training of the searched config from the pretrained encoder.
+"""``finetune`` stage: supervised training of the searched config from pretrained weights.
 
 Transfer as in BEiT/MAE fine-tuning (Bao et al. 2022, "BEiT: BERT Pre-Training of Image
 Transformers", layer-wise learning-rate decay; He et al. 2022, "Masked Autoencoders Are
 Scalable Vision Learners", Sec. 4): the model the search chose (``models/tune/best.json``) is
-built, every tensor of ``models/pretrained/encoder.safetensors`` whose name (after the
+built and, by default (``init: trial``), starts from the weights the searched trial ended with
+(``best.json``'s entry ``weights``, written by the tune stage), every tensor loaded strictly,
+so the champion continues its trial rather than repeating it from scratch. Otherwise it starts
+from ``init`` (:mod:`pipelines.init_weights`): ``ssl`` (``models/pretrained/
+encoder.safetensors``), ``hub`` (timm's pretrained weights, e.g. ImageNet), a weights file or
+a named one (``mobilenetv2_100.tv_in1k``), or ``scratch``: every tensor whose name (after the
 encoder's prefix, e.g. ``encoder.model.`` inside a :class:`~gattn.models.Segmenter`) and shape
 match is loaded, and the rest is reported (missing / unexpected / shape-mismatched keys; an
-absolute position embedding of another grid is resampled). With ``init: trial`` the model
-starts instead from the weights the searched trial ended with (``best.json``'s entry
-``weights``, written by the tune stage), every tensor loaded strictly, so the champion
-continues its trial rather than repeating it from scratch. Training runs data-parallel with a
+absolute position embedding of another grid is resampled). Training runs data-parallel with a
 Ray Train V2 ``TorchTrainer`` (DDP, gloo on CPU / NCCL on GPU), AdamW with warm-up + cosine
 and optional layer-wise decay, one checkpoint per epoch (safetensors weights + a
 ``weights_only`` state; a worker failure or a rerun of the same config resumes), and keeps
@@ -31,7 +33,7 @@ for ``init: trial``, the trial's weights beside it), ``models/pretrained/`` and
   :class:`pipelines.contracts.ModelMeta`, also registered in the MLflow Model Registry under
   ``tracking.model_name`` with alias ``champion``;
 - ``reports/finetune/``: ``metrics.json``, ``history.csv`` (per epoch: train loss, validation
-  metric) and ``init.json`` (which pretrained keys were loaded).
+  metric) and ``init.json`` (the ``init`` and which of its keys were loaded).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from gattn.data import IGNORE_INDEX
 from gattn.data.views import seg_eval_transform, seg_train_transform
 from gattn.models import Segmenter, build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
-from gattn.models.pretrained import ENCODER_WEIGHTS, LoadReport, load_pretrained, read_encoder
+from gattn.models.pretrained import LoadReport
+from gattn.models.weight_files import sha256
 from pipelines.config import FinetuneParams, ParamsError, Task, add_params_arguments, load_params
 from pipelines.contracts import (
     BEST_FIX,
@@ -73,6 +76,13 @@ from pipelines.data import (
     open_split,
     read_splits,
     subset,
+)
+from pipelines.init_weights import (
+    apply_init,
+    init_file,
+    init_fingerprint,
+    init_kind,
+    resolve_init,
 )
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.metrics import METRIC, class_weights, score, score_resized
@@ -169,19 +179,19 @@ def check_against_search(comparison: Mapping[str, Any], tolerance: float | None)
 # Initial weights
 
 
-def initialise(model: nn.Module, cfg: Mapping[str, Any], encoder: Path | None) -> LoadReport:
-    """Load the pretrained ``encoder`` folder into ``model`` (config ``cfg``) where the
-    backbone, names and shapes match (:func:`gattn.models.pretrained.load_pretrained`, the
-    loader the tune stage uses too); ``None``: from scratch, every tensor missing."""
-    found = read_encoder(encoder) if encoder is not None else None
-    if found is None:
-        return LoadReport(missing=list(model.state_dict()), skipped="from scratch")
-    source_cfg, weights = found
-    return load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
+def initialise(
+    model: nn.Module, cfg: Mapping[str, Any], init: str, encoder: Path | None
+) -> LoadReport:
+    """Load the weights ``init`` names (``ssl``: the ``encoder`` folder; ``hub``; a file;
+    ``scratch``: none) into ``model`` (config ``cfg``) where names and shapes match
+    (:func:`pipelines.init_weights.apply_init`, as the tune stage's trials start)."""
+    initial = resolve_init(init, str(cfg["backbone"]), encoder, require_encoder=True)
+    return apply_init(model, cfg, initial)
 
 
 TRIAL_FIX = (
-    "rerun `gattn tune` (it keeps the best trials' weights) or set finetune.init: pretrained"
+    "rerun `gattn tune` (it keeps the best trials' weights) or set finetune.init: ssl, hub, "
+    "a weights file or scratch"
 )
 
 
@@ -222,10 +232,11 @@ def load_trial(model: nn.Module, path: Path) -> LoadReport:
 
 def initial_weights(model: nn.Module, config: Mapping[str, Any]) -> LoadReport:
     """Initialise ``model`` as the loop ``config`` says: the trial's weights
-    (``trial_weights``), else the pretrained encoder (``pretrained``), else from scratch."""
+    (``trial_weights``), else its ``init`` (:func:`initialise`)."""
     if config.get("trial_weights"):
         return load_trial(model, Path(config["trial_weights"]))
-    return initialise(model, config["model"], config["pretrained"] and Path(config["pretrained"]))
+    encoder = config.get("pretrained")
+    return initialise(model, config["model"], config["init"], encoder and Path(encoder))
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +313,7 @@ def window_view(
 
 class FinetuneHooks(Hooks):
     """The finetune stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
-    the searched model initialised from the pretrained encoder, class-balanced cross-entropy,
+    the searched model from its initial weights (``init``), class-balanced cross-entropy,
     layer-wise learning-rate decay, the global-feedback windows (``context_crop``), and at the
     end of each epoch the validation score, keeping the weights of the best epoch so far."""
 
@@ -411,14 +422,6 @@ def run_name(p: FinetuneParams, seed: int, entry: BestEntry, data: str, init: st
     return f"finetune-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_config(entry: BestEntry, num_classes: int, img_size: int) -> dict[str, Any]:
     """The searched ``build_model`` config, checked against the data's classes."""
     cfg = dict(entry.model)
@@ -444,13 +447,15 @@ def loop_config(
 ) -> dict[str, Any]:
     """The workers' config (:class:`FinetuneHooks`): the searched model checked against the
     data, the recipe, the initial weights (``trial_file``: the trial's, for ``init: trial``;
-    see :func:`trial_weights`), and the Ray run's ``run_name`` and ``storage`` (the name
-    hashes the initial weights' file).
+    see :func:`trial_weights`; else ``p.init``, a file made absolute), and the Ray run's
+    ``run_name`` and ``storage`` (the name hashes the initial weights).
 
     Raises:
         ParamsError: the searched model is for another task or number of classes, or
             ``init: trial`` without ``trial_file``.
-        FileNotFoundError: ``init: pretrained`` without a pretrained encoder.
+        FileNotFoundError: ``init: ssl`` without a pretrained encoder, or a missing weights
+            file (or the package of a named one).
+        gattn.models.pretrained.HubUnavailableError: ``init: hub`` offline (not cached).
     """
     info = read_splits(prepared)
     task = "seg" if info["kind"] == "seg" else "cls"
@@ -458,20 +463,16 @@ def loop_config(
         raise ParamsError(
             f"best.json's model is for task {entry.model.get('task')!r}, data is {task!r}"
         )
-    encoder = Path(pretrained) / ENCODER_WEIGHTS
-    if p.init == "pretrained" and not encoder.is_file():
-        raise FileNotFoundError(
-            f"{encoder}: not found; run `gattn pretrain` or set finetune.init: scratch"
-        )
-    if p.init == "pretrained":
-        init_hash = _file_hash(encoder)
-    elif p.init == "trial":
+    init = p.init
+    if init == "trial":
         if trial_file is None:
             raise ParamsError(f"finetune.init: trial needs the trial's weights; {TRIAL_FIX}")
         trial_file = Path(trial_file).resolve()
-        init_hash = f"trial-{_file_hash(trial_file)}"
+        init_hash = f"trial-{sha256(trial_file)}"
     else:
-        init_hash = "scratch"
+        if init_kind(init) == "file":  # the workers read the file by its absolute path
+            init = str(init_file(init))
+        init_hash = init_fingerprint(init, str(entry.model["backbone"]), Path(pretrained))
     name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
     storage = Path(p.storage).resolve()
     return {
@@ -484,8 +485,9 @@ def loop_config(
         "img_size": entry.img_size,
         "lr": p.lr or entry.train.lr,
         "batch_size": p.batch_size or entry.train.batch_size,
-        "pretrained": str(Path(pretrained).resolve()) if p.init == "pretrained" else None,
-        "trial_weights": str(trial_file) if p.init == "trial" else None,
+        "init": init,
+        "pretrained": str(Path(pretrained).resolve()) if init == "ssl" else None,
+        "trial_weights": str(trial_file) if init == "trial" else None,
         "prepared": str(Path(prepared).resolve()),
         "fail_at_epoch": fail_at_epoch,
         "fail_flag": str(storage / f"{name}.injected-failure"),
@@ -610,7 +612,7 @@ def finetune(
         seed: The global seed.
         best_json: The search's result (``models/tune/best.json``).
         pretrained: The pretrain stage's folder (``encoder.safetensors``); used when
-            ``p.init == "pretrained"`` (``"trial"``: the entry's ``weights`` beside
+            ``p.init == "ssl"`` (``"trial"``: the entry's ``weights`` beside
             ``best_json``).
         prepared: The prepare stage's output folder.
         out_dir: The model folder to write.

