@@ -8,6 +8,7 @@ sittings; ``all`` runs every piece in order)::
     python benchmarks/pretrain_transfer.py pretrain --recipe dino-vit --seed 0
     python benchmarks/pretrain_transfer.py probe --recipe dino-vit --seed 0
     python benchmarks/pretrain_transfer.py finetune --model vit --init ssl:dino-vit --labels 1
+    python benchmarks/pretrain_transfer.py finetune --model mobilenet --init mobilenetv2_100.tv_in1k
     python benchmarks/pretrain_transfer.py table
     python benchmarks/pretrain_transfer.py all --seeds 0 1
 
@@ -252,10 +253,12 @@ def finetune(
             raise SystemExit(f"no encoder {init[4:]}-s{seed}: run the pretrain piece first")
         r = load_pretrained(net, enc[1])
         report = {"matched": len(r.matched), "missing": len(r.missing)}
-    elif init != "scratch":
-        from gattn.models.pretrained import load_weights_file  # the one loader, by name
+    elif init != "scratch":  # a named weights file (gattn.models.weight_files) or a path
+        from gattn.models.pretrained import read_weights
+        from gattn.models.weight_files import WEIGHT_FILES, weight_file
 
-        r = load_weights_file(net, Path(init))
+        path = weight_file(init) if init in WEIGHT_FILES else Path(init)
+        r = load_pretrained(net, read_weights(path))
         report = {"matched": len(r.matched), "missing": len(r.missing)}
     epochs = EPOCHS[labels]
     steps_per_epoch = -(-len(y) // batch)
@@ -457,7 +460,11 @@ def main() -> None:
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     a.add_argument("--root", type=Path, default=ROOT / "data/external")
     a.add_argument("--probe-train", type=int, default=10000)
-    a.add_argument("--imagenet", default=None, help="ImageNet weights file for the mobilenet row")
+    a.add_argument(
+        "--imagenet",
+        default="mobilenetv2_100.tv_in1k",
+        help="ImageNet weights (a gattn.models.weight_files name or a file) for the mobilenet row",
+    )
     args = ap.parse_args()
     if args.piece == "prepare":
         prepare(args.root)
