@@ -9,6 +9,7 @@ outputs (:func:`pipelines.stages.tune.results.write_outputs`).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,10 @@ def sweep(p: TuneParams, context: TrialContext, name: str) -> tuple[list[dict[st
             verbose=0,
         ),
     )
+    # Keeping one checkpoint per trial (above) makes Tune snapshot the experiment at every
+    # checkpoint, and with trials checkpointing each epoch it warned of "excessive" snapshots
+    # (12 warnings of 4 lines per default sweep); on the run's own storage they are cheap.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with local_ray(p.max_concurrent * p.cpus_per_trial, resources["gpu"] > 0):
         t0 = time.perf_counter()
         grid = tuner.fit()
