@@ -317,6 +317,7 @@ class FinetuneHooks(Hooks):
     layer-wise learning-rate decay, the global-feedback windows (``context_crop``), and at the
     end of each epoch the validation score, keeping the weights of the best epoch so far."""
 
+    stage = "finetune"
     loss_name = "train_loss"
 
     def __init__(self, config: dict[str, Any]) -> None:

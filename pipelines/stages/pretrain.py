@@ -157,6 +157,8 @@ class PretrainHooks(Hooks):
     centre and temperature schedule and the teacher's EMA after every step; per-step figures
     every ``log_every_n_steps`` steps; the encoder's weights in every checkpoint."""
 
+    stage = "pretrain"
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.p = p = PretrainParams.model_validate(config["params"])

@@ -63,10 +63,12 @@ class Hooks:
     calls the hooks that use them.
 
     Attributes:
+        stage: The stage's name, which starts its per-epoch progress line.
         loss_name: The name of the mean loss in an epoch's row.
         stat_names: Further per-image figures :meth:`loss` returns, averaged per epoch.
     """
 
+    stage = "train"
     loss_name = "loss"
     stat_names: tuple[str, ...] = ()
 
@@ -232,6 +234,19 @@ def train(hooks: Hooks, threads: int) -> None:
             "lr": max(scheduler.get_last_lr()),
         }
         _checkpoint(model, hooks, optimizer, scheduler, epoch, row)
+        if hooks.rank == 0:
+            print(progress_line(hooks.stage, row, hooks.epochs, seconds), flush=True)
+
+
+def progress_line(stage: str, row: dict[str, Any], epochs: int, seconds: float) -> str:
+    """``<stage>: epoch E/N in S s: name=value ...``: an epoch's figures (its row, completed by
+    the stage's :meth:`Hooks.end_epoch`), one line per epoch for the person watching."""
+    figures = " ".join(
+        f"{k}={v:.4g}"
+        for k, v in row.items()
+        if k not in ("epoch", "start_epoch") and isinstance(v, int | float)
+    )
+    return f"{stage}: epoch {row['epoch']}/{epochs} in {seconds:.0f} s: {figures}"
 
 
 def _epoch(
