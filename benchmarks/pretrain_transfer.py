@@ -387,7 +387,7 @@ def table() -> dict[str, Any]:
     ft_cols = ["model", "init", *(f"{pct}% labels" for pct in EPOCHS)]
     meta = {
         **environment(torch.device("cpu")),
-        "data": "Fashion-MNIST: 60k train images (pretraining without labels), 10k test images",
+        "data": "Fashion-MNIST: 58,998 train images (pretraining, without labels), 10k test images",
         "cells": "mean (spread = max - min, n = seeds)",
         "command": "python benchmarks/pretrain_transfer.py all --seeds 0 1",
         "epochs": EPOCHS,
