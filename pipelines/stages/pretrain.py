@@ -48,8 +48,9 @@ from gattn.models.build import build_model
 from gattn.models.pretrained import ENCODER_WEIGHTS
 from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure
 from gattn.ssl.curves import curves_figure, dino_collapse_references
-from gattn.ssl.dino import momentum_schedule
+from gattn.ssl.dino import dino_param_groups, momentum_schedule
 from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
+from gattn.ssl.schedules import warmup_cosine
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.data import Split, data_fingerprint, open_split, read_splits, subset
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
@@ -133,6 +134,24 @@ def build_objective(p: PretrainParams, cfg: dict[str, Any]) -> Objective:
         out_dim=d.out_dim,
         hidden_dim=d.hidden_dim,
         bottleneck_dim=d.bottleneck_dim,
+        nlayers=d.nlayers,
+        norm_last_layer=d.norm_last_layer,
+        use_bn=d.use_bn,
+    )
+
+
+def dino_loss(p: PretrainParams) -> DINOLoss:
+    """DINO's loss with the section's crops, temperatures, centre momentum and epochs."""
+    d = p.dino
+    return DINOLoss(
+        d.out_dim,
+        2 + d.n_local,
+        warmup_teacher_temp=d.warmup_teacher_temp,
+        teacher_temp=d.teacher_temp,
+        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
+        nepochs=p.epochs,
+        student_temp=d.student_temp,
+        center_momentum=d.center_momentum,
     )
 
 
@@ -172,15 +191,7 @@ class PretrainHooks(Hooks):
         p = self.p
         model = build_objective(p, self.config["model"])
         if p.method == "dino":
-            d = p.dino
-            self.dino_loss = DINOLoss(
-                d.out_dim,
-                2 + d.n_local,
-                d.warmup_teacher_temp,
-                d.teacher_temp,
-                d.warmup_teacher_temp_epochs,
-                p.epochs,
-            )
+            self.dino_loss = dino_loss(p)
         dataset = train_split(p, Path(self.config["prepared"]), train_view(p))
         return model, dataset, p.batch_size
 
@@ -195,8 +206,21 @@ class PretrainHooks(Hooks):
         self.window = torch.zeros(len(self.stat_names) + 2, dtype=torch.float64)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        if isinstance(model, DINO):  # DINO's groups: no decay on biases and norms
+            return dino_param_groups(model, self.p.weight_decay)
         trained = [q for q in model.parameters() if q.requires_grad]
         return [{"params": trained, "weight_decay": self.p.weight_decay}]
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        dino = unwrap(model)
+        if not isinstance(dino, DINO):
+            return
+        d = self.p.dino
+        if step < d.freeze_last_layer * self.steps_per_epoch:
+            dino.cancel_last_layer_gradients()
+        if d.weight_decay_end is not None:
+            wd = warmup_cosine(step, self.total_steps, self.p.weight_decay, d.weight_decay_end)
+            optimizer.param_groups[0]["weight_decay"] = wd  # the decayed group
 
     def loss(
         self, model: nn.Module, batch: Any, epoch: int, i: int
