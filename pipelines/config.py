@@ -239,18 +239,18 @@ class DinoParams(Section):
     applies to weights only (not to biases and norms).
     """
 
-    out_dim: int = Field(1024, ge=2)
+    out_dim: int = Field(256, ge=2)
     hidden_dim: int = Field(256, ge=1)
     bottleneck_dim: int = Field(64, ge=1)
     nlayers: int = Field(3, ge=1)
-    use_bn: bool = False
+    use_bn: bool = True
     norm_last_layer: bool = True
     freeze_last_layer: float = Field(0.0, ge=0)
     n_local: int = Field(4, ge=0)
     local_size: int = Field(32, ge=8)
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
-    momentum: float = Field(0.996, ge=0, le=1)
+    momentum: float = Field(0.99, ge=0, le=1)
     teacher_temp: float = Field(0.04, gt=0)
     warmup_teacher_temp: float = Field(0.04, gt=0)
     warmup_teacher_temp_epochs: float = Field(0, ge=0)

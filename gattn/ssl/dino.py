@@ -51,7 +51,8 @@ def dino_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
         model: The module whose trainable parameters are grouped (e.g. a :class:`DINO`).
         weight_decay: The decayed group's (initial) weight decay.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
@@ -221,7 +222,10 @@ class DINO(nn.Module):
         """Drop the gradients of the student head's last layer, so the optimizer leaves it as it
         is this step (DINO freezes it during the first epoch, while the prototypes would otherwise
         chase a still random student; ``cancel_gradients_last_layer`` of the official code)."""
-        for p in self.student.head.last_layer.parameters():
+        head = self.student.head
+        if not isinstance(head, DINOHead):
+            raise TypeError(f"the student's head is a {type(head).__name__}, not a DINOHead")
+        for p in head.last_layer.parameters():
             p.grad = None
 
     def encoder_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from gattn.data.views import MultiCropViews, mae_view, to_float
@@ -55,7 +56,16 @@ from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.data import Split, data_fingerprint, open_split, read_splits, subset
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARED, PRETRAIN_REPORTS, PRETRAINED
-from pipelines.train.loop import HISTORY, WEIGHTS, Hooks, means, train, unwrap
+from pipelines.train.loop import (
+    HISTORY,
+    WEIGHTS,
+    Hooks,
+    means,
+    run_epoch,
+    train,
+    unwrap,
+    warmup_cosine_scheduler,
+)
 from pipelines.train.trainer import fit_torch_trainer, mean_over_workers
 
 ENCODER = ENCODER_WEIGHTS
@@ -259,6 +269,41 @@ def train_loop(config: dict[str, Any]) -> None:
     train(hooks, hooks.p.cpus_per_worker)
 
 
+def train_in_process(
+    p: PretrainParams, dataset: Dataset[Any], seed: int = 0
+) -> tuple[Objective, dict[str, Any]]:
+    """The stage's training in this process, without Ray, DDP or checkpoints: the same
+    objective, loss, optimizer groups, schedules and hooks, epoch by epoch
+    (:func:`pipelines.train.loop.run_epoch`). For tests and benchmarks that need seconds, not
+    a Ray start.
+
+    Args:
+        p: The ``pretrain`` section.
+        dataset: Training samples as the stage's view makes them (``train_view(p)`` applied
+            to ``(image, target)``: ``(views, label)``).
+        seed: Seeds the initialisation and the data order.
+
+    Returns:
+        The trained objective and the history (``epochs``, ``steps``) the stage records.
+    """
+    hooks = PretrainHooks({"params": p.model_dump(mode="json"), "model": encoder_config(p)})
+    torch.manual_seed(seed)
+    model = build_objective(p, hooks.config["model"])
+    hooks.dino_loss = dino_loss(p) if p.method == "dino" else None
+    order = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, generator=order)
+    hooks.steps_per_epoch = len(loader)
+    hooks.total_steps = p.epochs * hooks.steps_per_epoch
+    hooks.on_device()
+    optimizer = torch.optim.AdamW(hooks.param_groups(model), lr=p.lr)
+    warmup = p.warmup_epochs * hooks.steps_per_epoch
+    scheduler = warmup_cosine_scheduler(optimizer, hooks.total_steps, warmup, hooks.min_lr_ratio)
+    for epoch in range(p.epochs):
+        sums = run_epoch(model, hooks, loader, optimizer, scheduler, epoch)
+        hooks.end_epoch(model, {"epoch": epoch + 1, **means(sums, hooks)})
+    return model, hooks.history
+
+
 def _reconstruction(
     p: PretrainParams, cfg: dict[str, Any], ckpt_dir: Path, prepared: Path, out: Path
 ) -> None:
@@ -281,11 +326,16 @@ def _step_figures(p: PretrainParams, steps: list[dict[str, Any]], reports_dir: P
     curves = {k: [s[k] for s in steps] for k in ("loss", "lr")}
     curves_figure(x, curves, reports_dir / "curves.png", title)
     if p.method == "dino":
+        end = steps[-1]
+        title = (
+            f"DINO teacher at the end: entropy {end['teacher_entropy']:.2f} of log K "
+            f"{math.log(p.dino.out_dim):.2f}, KL to mean {end['teacher_kl_to_mean']:.2f}"
+        )
         curves_figure(
             x,
             {k: [s[k] for s in steps] for k in STEP_STATS},
             reports_dir / "objective.png",
-            "DINO teacher: collapse diagnostics",
+            title,
             dino_collapse_references(p.dino.out_dim),
         )
 
