@@ -129,7 +129,6 @@ def main() -> int:
         "method": "dino",
         "backbone": args.backbone,
         "img_size": args.img_size,
-        "dino.local_size": args.img_size // 2,
         "epochs": 1,  # one pass over --steps batches: the schedules span the step budget
         "warmup_epochs": 0.05,
     }

@@ -236,7 +236,8 @@ class DinoParams(Section):
     BatchNorm in the head (``use_bn``). ``freeze_last_layer`` and
     ``warmup_teacher_temp_epochs`` are in epochs (fractions allowed); ``weight_decay_end``
     (``null``: constant) is the end of a cosine from ``pretrain.weight_decay``, which DINO
-    applies to weights only (not to biases and norms).
+    applies to weights only (not to biases and norms). ``local_size`` ``null`` is half the
+    global crop (``pretrain.img_size``; DINO: 96 of 224).
     """
 
     out_dim: int = Field(256, ge=2)
@@ -247,7 +248,7 @@ class DinoParams(Section):
     norm_last_layer: bool = True
     freeze_last_layer: float = Field(0.0, ge=0)
     n_local: int = Field(4, ge=0)
-    local_size: int = Field(32, ge=8)
+    local_size: int | None = Field(None, ge=8)  # None: half of pretrain.img_size
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     momentum: float = Field(0.99, ge=0, le=1)

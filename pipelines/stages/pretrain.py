@@ -170,8 +170,9 @@ def train_view(p: PretrainParams) -> ImageOnly:
     if p.method == "mae":
         return ImageOnly(mae_view(p.img_size))
     d = p.dino
+    local_size = d.local_size or max(8, p.img_size // 2)
     crops = MultiCropViews(
-        p.img_size, d.local_size, d.n_local, d.global_scale, d.local_scale, color_jitter=0.4
+        p.img_size, local_size, d.n_local, d.global_scale, d.local_scale, color_jitter=0.4
     )
     return ImageOnly(crops)
 

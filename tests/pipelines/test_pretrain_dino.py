@@ -86,7 +86,7 @@ def small_run(**dino: Any) -> PretrainParams:
             "warmup_epochs": 1.0,
             "log_every_n_steps": 4,
             "backbone_kwargs": TINY_VIT,
-            "dino": {"local_size": 16, **dino},
+            "dino": dino,
         }
     )
 
