@@ -7,7 +7,7 @@ Usage::
 
 Trains the pretrain stage's DINO (params.yaml's ``pretrain`` section with ``method: dino``,
 the overrides given) in this process, without Ray (:func:`train_in_process`, the stage's own
-hooks), on one pass over ``--steps * batch_size`` Fashion-MNIST training images (28 x 28
+hooks), on ``--steps`` batches of Fashion-MNIST training images (as few passes as fit; 28 x 28
 greyscale, repeated to RGB; the stage's views resize them to ``img_size``), then probes the
 exported encoder (the teacher) and the same encoder at its random initialisation with the
 stage's frozen-feature probes (:mod:`gattn.ssl.probe`: weighted k-NN, k = 20, T = 0.07, and
@@ -50,6 +50,7 @@ from pipelines.stages.pretrain import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+TRAIN_IMAGES = 60_000
 COLUMNS = [
     "backbone",
     "img_size",
@@ -125,18 +126,22 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    # --steps as whole passes over a random subset of the 60k training images: as few
+    # passes as fit, so the stage's epoch-based schedules span the step budget.
+    given = load_params(ROOT / "params.yaml", [f"pretrain.{o}" for o in args.overrides])
+    batch_size = given.pretrain.batch_size
+    epochs = math.ceil(args.steps / (TRAIN_IMAGES // batch_size))
     fixed = {
         "method": "dino",
         "backbone": args.backbone,
         "img_size": args.img_size,
-        "epochs": 1,  # one pass over --steps batches: the schedules span the step budget
-        "warmup_epochs": 0.05,
+        "epochs": epochs,
+        "warmup_epochs": 0.05 * epochs,
+        "max_samples": math.ceil(args.steps / epochs) * batch_size,
     }
     overrides = [f"pretrain.{k}={v}" for k, v in fixed.items()]
     overrides += [f"pretrain.{o}" for o in args.overrides]
     p = load_params(ROOT / "params.yaml", overrides).pretrain
-    if p.max_samples is None:
-        p = p.model_copy(update={"max_samples": args.steps * p.batch_size})
     images, labels = fashion_mnist(args.data, "train", p.max_samples or 0, args.seed)
     train_set = Labelled(images, labels, train_view(p), train=True)
 
