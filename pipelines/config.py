@@ -228,19 +228,36 @@ class MaeParams(Section):
 
 
 class DinoParams(Section):
-    """DINO objective (``pretrain.method: dino``): heads, multi-crop, teacher schedules."""
+    """DINO objective (``pretrain.method: dino``): heads, multi-crop, teacher schedules.
 
-    out_dim: int = Field(1024, ge=2)
+    Caron et al. 2021 train for ~100k+ steps; a CPU run has a few hundred to a few thousand,
+    so the defaults differ from the paper's where that matters (see params.yaml): a lower
+    teacher EMA ``momentum`` (cosine to 1 over the run), fewer prototypes ``out_dim``,
+    BatchNorm in the head (``use_bn``). ``freeze_last_layer`` and
+    ``warmup_teacher_temp_epochs`` are in epochs (fractions allowed); ``weight_decay_end``
+    (``null``: constant) is the end of a cosine from ``pretrain.weight_decay``, which DINO
+    applies to weights only (not to biases and norms). ``local_size`` ``null`` is half the
+    global crop (``pretrain.img_size``; DINO: 96 of 224).
+    """
+
+    out_dim: int = Field(256, ge=2)
     hidden_dim: int = Field(256, ge=1)
     bottleneck_dim: int = Field(64, ge=1)
+    nlayers: int = Field(3, ge=1)
+    use_bn: bool = True
+    norm_last_layer: bool = True
+    freeze_last_layer: float = Field(0.0, ge=0)
     n_local: int = Field(4, ge=0)
-    local_size: int = Field(32, ge=8)
+    local_size: int | None = Field(None, ge=8)  # None: half of pretrain.img_size
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
-    momentum: float = Field(0.996, ge=0, le=1)
+    momentum: float = Field(0.99, ge=0, le=1)
     teacher_temp: float = Field(0.04, gt=0)
     warmup_teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp_epochs: int = Field(0, ge=0)
+    warmup_teacher_temp_epochs: float = Field(0, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay_end: float | None = Field(None, ge=0)
 
 
 class ProbeParams(Section):

@@ -7,7 +7,7 @@ References:
 """
 
 from gattn.ssl.consistency import GlobalLocalConsistencyLoss, global_local_infonce
-from gattn.ssl.dino import DINO, DINOHead, MultiCropWrapper, momentum_schedule
+from gattn.ssl.dino import DINO, DINOHead, MultiCropWrapper, dino_param_groups, momentum_schedule
 from gattn.ssl.dino_loss import DINOLoss, collapse_stats
 from gattn.ssl.mae import (
     MaskedAutoencoder,
@@ -28,6 +28,7 @@ __all__ = [
     "MaskedAutoencoder",
     "MultiCropWrapper",
     "collapse_stats",
+    "dino_param_groups",
     "global_local_infonce",
     "masked_mse",
     "momentum_schedule",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .schedules import schedule_values
 
-__all__ = ["DINO", "DINOHead", "MultiCropWrapper", "momentum_schedule"]
+__all__ = ["DINO", "DINOHead", "MultiCropWrapper", "dino_param_groups", "momentum_schedule"]
 
 
 def momentum_schedule(base: float, final: float, total_steps: int) -> torch.Tensor:
@@ -37,6 +38,28 @@ def momentum_schedule(base: float, final: float, total_steps: int) -> torch.Tens
     the DINO paper (``base`` 0.996, ``final`` 1.0); entry ``t`` is the momentum of step ``t``.
     """
     return schedule_values(total_steps, base, final)
+
+
+def dino_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as DINO's ``get_params_groups``: weights decayed, biases and norms not.
+
+    Group 0 holds the decayed parameters (a weight-decay schedule updates that group only),
+    group 1 the others (``ndim <= 1`` or named ``*.bias``); frozen parameters (the teacher's)
+    are left out.
+
+    Args:
+        model: The module whose trainable parameters are grouped (e.g. a :class:`DINO`).
+        weight_decay: The decayed group's (initial) weight decay.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class DINOHead(nn.Module):
@@ -194,6 +217,16 @@ class DINO(nn.Module):
         teacher: list[torch.Tensor] = list(self.teacher.parameters())
         student = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+    def cancel_last_layer_gradients(self) -> None:
+        """Drop the gradients of the student head's last layer, so the optimizer leaves it as it
+        is this step (DINO freezes it during the first epoch, while the prototypes would otherwise
+        chase a still random student; ``cancel_gradients_last_layer`` of the official code)."""
+        head = self.student.head
+        if not isinstance(head, DINOHead):
+            raise TypeError(f"the student's head is a {type(head).__name__}, not a DINOHead")
+        for p in head.last_layer.parameters():
+            p.grad = None
 
     def encoder_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:
         """The ``"teacher"`` (DINO's evaluated encoder) or ``"student"`` backbone's weights."""

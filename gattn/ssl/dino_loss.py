@@ -69,8 +69,8 @@ class DINOLoss(nn.Module):
         ncrops: int,
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
-        nepochs: int = 100,
+        warmup_teacher_temp_epochs: float = 0,
+        nepochs: float = 100,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
     ) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from gattn.data.views import MultiCropViews, mae_view, to_float
@@ -48,13 +49,23 @@ from gattn.models.build import build_model
 from gattn.models.pretrained import ENCODER_WEIGHTS
 from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure
 from gattn.ssl.curves import curves_figure, dino_collapse_references
-from gattn.ssl.dino import momentum_schedule
+from gattn.ssl.dino import dino_param_groups, momentum_schedule
 from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
+from gattn.ssl.schedules import warmup_cosine
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.data import Split, data_fingerprint, open_split, read_splits, subset
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARED, PRETRAIN_REPORTS, PRETRAINED
-from pipelines.train.loop import HISTORY, WEIGHTS, Hooks, means, train, unwrap
+from pipelines.train.loop import (
+    HISTORY,
+    WEIGHTS,
+    Hooks,
+    means,
+    run_epoch,
+    train,
+    unwrap,
+    warmup_cosine_scheduler,
+)
 from pipelines.train.trainer import fit_torch_trainer, mean_over_workers
 
 ENCODER = ENCODER_WEIGHTS
@@ -133,6 +144,24 @@ def build_objective(p: PretrainParams, cfg: dict[str, Any]) -> Objective:
         out_dim=d.out_dim,
         hidden_dim=d.hidden_dim,
         bottleneck_dim=d.bottleneck_dim,
+        nlayers=d.nlayers,
+        norm_last_layer=d.norm_last_layer,
+        use_bn=d.use_bn,
+    )
+
+
+def dino_loss(p: PretrainParams) -> DINOLoss:
+    """DINO's loss with the section's crops, temperatures, centre momentum and epochs."""
+    d = p.dino
+    return DINOLoss(
+        d.out_dim,
+        2 + d.n_local,
+        warmup_teacher_temp=d.warmup_teacher_temp,
+        teacher_temp=d.teacher_temp,
+        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
+        nepochs=p.epochs,
+        student_temp=d.student_temp,
+        center_momentum=d.center_momentum,
     )
 
 
@@ -141,8 +170,9 @@ def train_view(p: PretrainParams) -> ImageOnly:
     if p.method == "mae":
         return ImageOnly(mae_view(p.img_size))
     d = p.dino
+    local_size = d.local_size or max(8, p.img_size // 2)
     crops = MultiCropViews(
-        p.img_size, d.local_size, d.n_local, d.global_scale, d.local_scale, color_jitter=0.4
+        p.img_size, local_size, d.n_local, d.global_scale, d.local_scale, color_jitter=0.4
     )
     return ImageOnly(crops)
 
@@ -172,15 +202,7 @@ class PretrainHooks(Hooks):
         p = self.p
         model = build_objective(p, self.config["model"])
         if p.method == "dino":
-            d = p.dino
-            self.dino_loss = DINOLoss(
-                d.out_dim,
-                2 + d.n_local,
-                d.warmup_teacher_temp,
-                d.teacher_temp,
-                d.warmup_teacher_temp_epochs,
-                p.epochs,
-            )
+            self.dino_loss = dino_loss(p)
         dataset = train_split(p, Path(self.config["prepared"]), train_view(p))
         return model, dataset, p.batch_size
 
@@ -195,8 +217,21 @@ class PretrainHooks(Hooks):
         self.window = torch.zeros(len(self.stat_names) + 2, dtype=torch.float64)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        if isinstance(model, DINO):  # DINO's groups: no decay on biases and norms
+            return dino_param_groups(model, self.p.weight_decay)
         trained = [q for q in model.parameters() if q.requires_grad]
         return [{"params": trained, "weight_decay": self.p.weight_decay}]
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        dino = unwrap(model)
+        if not isinstance(dino, DINO):
+            return
+        d = self.p.dino
+        if step < d.freeze_last_layer * self.steps_per_epoch:
+            dino.cancel_last_layer_gradients()
+        if d.weight_decay_end is not None:
+            wd = warmup_cosine(step, self.total_steps, self.p.weight_decay, d.weight_decay_end)
+            optimizer.param_groups[0]["weight_decay"] = wd  # the decayed group
 
     def loss(
         self, model: nn.Module, batch: Any, epoch: int, i: int
@@ -235,6 +270,41 @@ def train_loop(config: dict[str, Any]) -> None:
     train(hooks, hooks.p.cpus_per_worker)
 
 
+def train_in_process(
+    p: PretrainParams, dataset: Dataset[Any], seed: int = 0
+) -> tuple[Objective, dict[str, Any]]:
+    """The stage's training in this process, without Ray, DDP or checkpoints: the same
+    objective, loss, optimizer groups, schedules and hooks, epoch by epoch
+    (:func:`pipelines.train.loop.run_epoch`). For tests and benchmarks that need seconds, not
+    a Ray start.
+
+    Args:
+        p: The ``pretrain`` section.
+        dataset: Training samples as the stage's view makes them (``train_view(p)`` applied
+            to ``(image, target)``: ``(views, label)``).
+        seed: Seeds the initialisation and the data order.
+
+    Returns:
+        The trained objective and the history (``epochs``, ``steps``) the stage records.
+    """
+    hooks = PretrainHooks({"params": p.model_dump(mode="json"), "model": encoder_config(p)})
+    torch.manual_seed(seed)
+    model = build_objective(p, hooks.config["model"])
+    hooks.dino_loss = dino_loss(p) if p.method == "dino" else None
+    order = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, generator=order)
+    hooks.steps_per_epoch = len(loader)
+    hooks.total_steps = p.epochs * hooks.steps_per_epoch
+    hooks.on_device()
+    optimizer = torch.optim.AdamW(hooks.param_groups(model), lr=p.lr)
+    warmup = p.warmup_epochs * hooks.steps_per_epoch
+    scheduler = warmup_cosine_scheduler(optimizer, hooks.total_steps, warmup, hooks.min_lr_ratio)
+    for epoch in range(p.epochs):
+        sums = run_epoch(model, hooks, loader, optimizer, scheduler, epoch)
+        hooks.end_epoch(model, {"epoch": epoch + 1, **means(sums, hooks)})
+    return model, hooks.history
+
+
 def _reconstruction(
     p: PretrainParams, cfg: dict[str, Any], ckpt_dir: Path, prepared: Path, out: Path
 ) -> None:
@@ -257,11 +327,16 @@ def _step_figures(p: PretrainParams, steps: list[dict[str, Any]], reports_dir: P
     curves = {k: [s[k] for s in steps] for k in ("loss", "lr")}
     curves_figure(x, curves, reports_dir / "curves.png", title)
     if p.method == "dino":
+        end = steps[-1]
+        title = (
+            f"DINO teacher at the end: entropy {end['teacher_entropy']:.2f} of log K "
+            f"{math.log(p.dino.out_dim):.2f}, KL to mean {end['teacher_kl_to_mean']:.2f}"
+        )
         curves_figure(
             x,
             {k: [s[k] for s in steps] for k in STEP_STATS},
             reports_dir / "objective.png",
-            "DINO teacher: collapse diagnostics",
+            title,
             dino_collapse_references(p.dino.out_dim),
         )
 

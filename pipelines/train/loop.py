@@ -113,6 +113,10 @@ class Hooks:
         :attr:`stat_names` for it."""
         raise NotImplementedError
 
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Between the backward pass and gradient clipping of step ``step`` (0-based): edit the
+        gradients (e.g. drop some) or the optimizer's groups (e.g. a weight-decay schedule)."""
+
     def after_step(self, model: nn.Module, step: int, lr: float, figures: torch.Tensor) -> None:
         """After the optimizer step ``step`` (0-based, taken at learning rate ``lr``);
         ``figures`` are the batch's sums ``(loss, *stats) * images, images``."""
@@ -223,7 +227,7 @@ def train(hooks: Hooks, threads: int) -> None:
     for epoch in range(hooks.start_epoch, hooks.epochs):
         begin_epoch(hooks.config, epoch, hooks.rank, loader)
         t0 = time.perf_counter()
-        sums = _epoch(model, hooks, loader, optimizer, scheduler, epoch)
+        sums = run_epoch(model, hooks, loader, optimizer, scheduler, epoch)
         seconds = time.perf_counter() - t0
         images = float(sums[-1]) * hooks.world
         row = {
@@ -249,7 +253,7 @@ def progress_line(stage: str, row: dict[str, Any], epochs: int, seconds: float) 
     return f"{stage}: epoch {row['epoch']}/{epochs} in {seconds:.0f} s: {figures}"
 
 
-def _epoch(
+def run_epoch(
     model: nn.Module, hooks: Hooks, loader: Any, optimizer: Any, scheduler: Any, epoch: int
 ) -> torch.Tensor:
     """One epoch of optimizer steps; the sums of the batches' :func:`_figures`."""
@@ -262,11 +266,13 @@ def _epoch(
             loss, count, stats = hooks.loss(model, batch, epoch, i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        step = epoch * hooks.steps_per_epoch + i
+        hooks.before_step(model, optimizer, step)
         if hooks.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hooks.grad_clip)
         optimizer.step()
         scheduler.step()
         figures = _figures(loss, count, stats)
-        hooks.after_step(model, epoch * hooks.steps_per_epoch + i, lr, figures)
+        hooks.after_step(model, step, lr, figures)
         sums += figures
     return sums

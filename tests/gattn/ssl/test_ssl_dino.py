@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gattn.models  # noqa: F401  (registers gattn_vit_global)
-from gattn.ssl.dino import DINO, DINOHead, MultiCropWrapper, momentum_schedule
+from gattn.ssl.dino import DINO, DINOHead, MultiCropWrapper, dino_param_groups, momentum_schedule
 from gattn.ssl.dino_loss import DINOLoss, collapse_stats
 from gattn.ssl.schedules import warmup_cosine
 
@@ -189,3 +189,27 @@ def test_momentum_schedule_rises_from_base_towards_final() -> None:
 def test_loss_rejects_mismatched_crops() -> None:
     with pytest.raises(ValueError):
         DINOLoss(K, ncrops=4)(torch.randn(7, K), torch.randn(4, K), 0)
+
+
+def test_param_groups_decay_weights_not_biases_norms_or_the_teacher() -> None:
+    dino = tiny_dino(use_bn=True)
+    decay, no_decay = dino_param_groups(dino, 0.04)
+    assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+    trainable = {id(p) for p in dino.student.parameters() if p.requires_grad}
+    grouped = [id(p) for p in [*decay["params"], *no_decay["params"]]]
+    assert sorted(grouped) == sorted(trainable)  # each student parameter once, no teacher one
+    assert all(p.ndim >= 2 for p in decay["params"])
+    names = {id(p): n for n, p in dino.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") or p.ndim == 1 for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+
+
+def test_cancel_last_layer_gradients_leaves_the_rest() -> None:
+    dino = tiny_dino()
+    student_out, teacher_out = dino(*crops())
+    DINOLoss(K, ncrops=4)(student_out, teacher_out, 0)[0].backward()
+    dino.cancel_last_layer_gradients()
+    last = {id(p) for p in dino.student.head.last_layer.parameters()}
+    for p in dino.student.parameters():
+        if p.requires_grad:
+            assert (p.grad is None) == (id(p) in last)
