@@ -266,10 +266,13 @@ class ProbeParams(Section):
 
     Image-level labels: a classification task's own; for segmentation, the most frequent
     non-background class of the mask (the cue class on ``cue-seg``). The probes are fitted on
-    the train split (at most ``max_train`` images) and scored on ``split``.
+    the train split (at most ``max_train`` images) and scored on ``split``. ``every_epoch``
+    also scores the k-NN of the encoder being trained after every epoch (on rank 0): the curve
+    of accuracy against pretraining epochs, in ``loss_curve.csv`` and ``knn_curve.png``.
     """
 
     enabled: bool = True
+    every_epoch: bool = False
     k: int = Field(20, ge=1)  # neighbours of the k-NN vote
     temperature: float = Field(0.07, gt=0)  # k-NN vote weight exp(cosine / temperature)
     weight_decay: float = Field(1e-3, gt=0)  # linear probe L2 penalty

@@ -50,7 +50,7 @@ from gattn.models.pretrained import ENCODER_WEIGHTS
 from gattn.ssl import DINO, DINOLoss, MaskedAutoencoder, reconstruction_figure
 from gattn.ssl.curves import curves_figure, dino_collapse_references
 from gattn.ssl.dino import dino_param_groups, momentum_schedule
-from gattn.ssl.probe import extract_features, image_labels, probe_accuracies
+from gattn.ssl.probe import extract_features, image_labels, knn_predict, probe_accuracies
 from gattn.ssl.schedules import warmup_cosine
 from pipelines.config import PretrainParams, add_params_arguments, load_params
 from pipelines.data import Split, data_fingerprint, open_split, read_splits, subset
@@ -254,6 +254,11 @@ class PretrainHooks(Hooks):
             self.window.zero_()
 
     def end_epoch(self, model: nn.Module, row: dict[str, Any]) -> None:
+        if self.p.probe.every_epoch:  # the k-NN of the encoder now (DINO: the teacher's)
+            encoder = build_model(self.config["model"]).to(self.device)
+            encoder.load_state_dict(unwrap(model).encoder_state_dict())
+            sets = probe_sets(self.p, Path(self.config["prepared"]))
+            row["probe_knn_acc"] = knn_accuracy(encoder, sets, self.p, self.device)
         self.history["epochs"].append(row)
 
     def save(self, model: nn.Module, folder: Path) -> dict[str, Any]:
@@ -347,6 +352,29 @@ def probe_view(img_size: int) -> ImageOnly:
     return ImageOnly(v2.Compose([v2.Resize((img_size, img_size)), to_float()]))
 
 
+def probe_sets(p: PretrainParams, prepared: Path) -> tuple[Dataset, Dataset, int]:
+    """The probes' data: the train split (at most ``probe.max_train`` images) they are fitted
+    on, the ``probe.split`` they are scored on, and the number of classes."""
+    q = p.probe
+    train = subset(open_split("train", prepared, probe_view(p.img_size)), q.max_train)
+    query = open_split(q.split, prepared, probe_view(p.img_size))
+    return train, query, len(read_splits(prepared)["classes"])
+
+
+def knn_accuracy(
+    encoder: nn.Module, sets: tuple[Dataset, Dataset, int], p: PretrainParams, device: Any = "cpu"
+) -> float:
+    """The k-NN probe's accuracy of ``encoder`` on :func:`probe_sets`' ``sets``."""
+    train, query, num_classes = sets
+    q = p.probe
+    fit_on, scored = (
+        extract_features(encoder, DataLoader(ds, batch_size=q.batch_size), device)
+        for ds in (train, query)
+    )
+    pred = knn_predict(fit_on[0], fit_on[1], scored[0], q.k, q.temperature, num_classes)
+    return float((pred == scored[1]).float().mean())
+
+
 def probe(
     p: PretrainParams, cfg: dict[str, Any], seed: int, weights: Path, prepared: Path
 ) -> dict[str, float]:
@@ -361,10 +389,7 @@ def probe(
         differences ``probe_{knn,linear}_gain``, and the image counts.
     """
     q = p.probe
-    info = read_splits(prepared)
-    train = open_split("train", prepared, probe_view(p.img_size))
-    train = subset(train, q.max_train)
-    query = open_split(q.split, prepared, probe_view(p.img_size))
+    train, query, num_classes = probe_sets(p, prepared)
     torch.manual_seed(seed)
     initial = build_objective(p, cfg).encoder_state_dict()
     out: dict[str, float] = {"probe_num_train": len(train), "probe_num_eval": len(query)}
@@ -375,9 +400,7 @@ def probe(
             extract_features(encoder, DataLoader(ds, batch_size=q.batch_size))
             for ds in (train, query)
         )
-        acc = probe_accuracies(
-            fit_on, scored, q.k, q.temperature, q.weight_decay, num_classes=len(info["classes"])
-        )
+        acc = probe_accuracies(fit_on, scored, q.k, q.temperature, q.weight_decay, num_classes)
         out |= {f"probe_{name}{tag}": value for name, value in acc.items()}
     for m in ("knn", "linear"):
         out[f"probe_{m}_gain"] = out[f"probe_{m}_acc"] - out[f"probe_{m}_acc_random"]
@@ -421,6 +444,15 @@ def pretrain(
         {"model": cfg, "method": p.method, "run_name": name, "img_size": p.img_size},
     )
     write_csv(reports_dir / "loss_curve.csv", epochs, list(epochs[-1]))
+    curve = [(r["epoch"], r["probe_knn_acc"]) for r in epochs if "probe_knn_acc" in r]
+    if curve:
+        curves_figure(
+            [e for e, _ in curve],
+            {"probe_knn_acc": [a for _, a in curve]},
+            reports_dir / "knn_curve.png",
+            f"{p.method.upper()}: k-NN accuracy ({p.probe.split}) after each epoch",
+            xlabel="epoch",
+        )
     _step_figures(p, steps, reports_dir)
     metrics = stage_metrics(epochs, wall)
     if p.probe.enabled:

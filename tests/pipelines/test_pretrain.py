@@ -130,6 +130,7 @@ def test_dino_worker_failure_resumes_from_checkpoint(
 ) -> None:
     dino = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "n_local": 2, "local_size": 16}
     p = tiny(tmp_path, method="dino", epochs=2, max_failures=1, dino=dino)
+    p = p.model_copy(update={"probe": p.probe.model_copy(update={"every_epoch": True})})
     out = pretrain(p, 0, prepared, tmp_path / "m", tmp_path / "r", fail_at_epoch=2)
     flag = Path(out["storage"]) / f"{out['run_name']}.injected-failure"
     assert flag.exists(), "the injected failure never happened"
@@ -140,6 +141,12 @@ def test_dino_worker_failure_resumes_from_checkpoint(
     # Per-step history survives the resume: epoch 1's steps come from its checkpoint.
     assert [s["step"] for s in out["steps"]] == [1, 2, 3, 4]
     assert {"teacher_entropy", "teacher_kl_to_mean", "lr"} <= set(out["steps"][0])
-    for name in PLOTS:  # DINO fills the same declared plots as MAE
+    for name in (*PLOTS, "knn_curve.png"):  # DINO fills the same declared plots as MAE
         assert (tmp_path / "r" / name).stat().st_size > 1000, name
+    # probe.every_epoch: a k-NN per epoch (epoch 1's from its checkpoint); the last one is the
+    # exported teacher's, which the end-of-run probe scores again (threads may move one vote).
+    curve = [r["probe_knn_acc"] for r in out["history"]]
+    assert len(curve) == 2 and all(0.0 <= a <= 1.0 for a in curve)
+    m = out["metrics"]
+    assert abs(curve[-1] - m["probe_knn_acc"]) <= 1 / m["probe_num_eval"] + 1e-9
     assert load_encoder(tmp_path / "m")(torch.rand(1, 3, 32, 32)).shape == (1, 32)
