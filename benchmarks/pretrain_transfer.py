@@ -49,6 +49,7 @@ from _common import environment, markdown_table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "outputs/pretrain_transfer"
+RESULTS_DIR = ROOT / "benchmarks/results"
 NUM_CLASSES = 10
 
 # recipe -> pretrain section overrides (on params.yaml's), each run <= 10 min on 2 CPU cores:
@@ -213,6 +214,28 @@ def probe(recipe: str, seed: int, probe_train: int) -> None:
     _write_json(out, row)
 
 
+def random_val_knn(recipe: str, seed: int) -> float:
+    """The pretraining curve's epoch 0: the k-NN of the run's random init on the sets the stage
+    scores after every epoch (``probe.max_train`` training images, the val images)."""
+    out = _result("curve0", f"{recipe}-s{seed}")
+    if not out.is_file():
+        from gattn.models.build import build_model
+        from pipelines.stages.pretrain import (
+            build_objective,
+            encoder_config,
+            knn_accuracy,
+            probe_sets,
+        )
+
+        p = pretrain_params(recipe, []).pretrain
+        cfg = encoder_config(p)
+        torch.manual_seed(seed)  # the run's start, as in probe()
+        encoder = build_model(cfg)
+        encoder.load_state_dict(build_objective(p, cfg).encoder_state_dict())
+        _write_json(out, {"knn_val": knn_accuracy(encoder, probe_sets(p, WORK / "data"), p)})
+    return float(json.loads(out.read_text())["knn_val"])
+
+
 def pixels(probe_train: int) -> None:
     """The raw-pixel baseline: the same probes on the 28 x 28 pixels (one channel)."""
     out = _result("probe", "pixels")
@@ -326,6 +349,49 @@ def _load(kind: str) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted((WORK / "results" / kind).glob("*.json"))]
 
 
+def curve_figure(pix: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """``pretrain_transfer_curve.png``: each pretraining run's k-NN accuracy (on the 1k val
+    images) after every epoch, epoch 0 its random init, beside the raw pixels' k-NN; and each
+    DINO recipe's collapse diagnostics (seed 0) as ``pretrain_transfer_<recipe>_dino.png``.
+    Returns ``{run: [[epoch, accuracy], ...]}``."""
+    import csv
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gattn.diagnostics.plots import save_figure
+
+    curves: dict[str, list[list[float]]] = {}
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, recipe in enumerate(RECIPES):
+        for seed_file in sorted((WORK / "results" / "pretrain").glob(f"{recipe}-s*.json")):
+            name = seed_file.stem
+            run = json.loads(seed_file.read_text())
+            rows = list(csv.DictReader((WORK / "reports" / name / "loss_curve.csv").open()))
+            points = [[0.0, random_val_knn(run["recipe"], run["seed"])]]
+            points += [[float(r["epoch"]), float(r["probe_knn_acc"])] for r in rows]
+            curves[name] = points
+            ax.plot(*zip(*points, strict=True), marker="o", color=f"C{i}", lw=1.2,
+                    ls="-" if name.endswith("s0") else "--", label=name)  # fmt: skip
+    if "knn_acc_pixels" in pix:
+        ax.axhline(pix["knn_acc_pixels"], ls=":", color="k", lw=1, label="raw pixels (test)")
+    ax.set_xlabel("pretraining epoch (0: random init)")
+    ax.set_ylabel("k-NN accuracy, 1k val images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Fashion-MNIST: frozen k-NN during self-supervised pretraining", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, RESULTS_DIR / "pretrain_transfer_curve.png")
+    for recipe in (r for r in RECIPES if r.startswith("dino")):
+        src = WORK / "reports" / f"{recipe}-s0" / "objective.png"
+        if src.is_file():
+            shutil.copyfile(src, RESULTS_DIR / f"pretrain_transfer_{recipe}_dino.png")
+    return curves
+
+
 def table() -> dict[str, Any]:
     """Collect every piece's result: probe and fine-tune tables (mean (spread, n) over seeds)
     and the issue's targets, into ``benchmarks/results/pretrain_transfer.{json,md}``."""
@@ -401,6 +467,7 @@ def table() -> dict[str, Any]:
         "models": MODELS,
         "pixels": pix,
         "probe": probe_rows,
+        "knn_curves": curve_figure(pix),
         "targets": targets,
     }
     notes = "\n".join(
@@ -413,6 +480,9 @@ def table() -> dict[str, Any]:
             f"{pix.get('linear_acc_pixels', float('nan')):.3f}.",
             "",
             markdown_table(probe_rows, probe_cols),
+            "k-NN after each pretraining epoch: `pretrain_transfer_curve.png`; DINO's collapse "
+            "diagnostics (seed 0): `pretrain_transfer_dino-*_dino.png`.",
+            "",
             "## Targets (issue 16)",
             "",
             *[f"- {t}" for t in targets],

@@ -43,7 +43,12 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
                     configure_logging=False,
-                    runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
+                    runtime_env={
+                        "worker_process_setup_hook": WORKER_SETUP_HOOK,
+                        # Ray Train's print patch tees a worker's print to stdout *and* logs it:
+                        # every progress line showed twice
+                        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+                    },
                 )
                 break
             except Exception as err:
