@@ -138,7 +138,7 @@ def apply_with_dvc(path: str | Path, overrides: list[str]) -> None:
     """Apply ``overrides`` to the params file at ``path`` in place, with the code ``dvc exp
     run -S`` runs (:func:`dvc.utils.hydra.apply_overrides`: Hydra's parser, DVC's YAML
     round trip, which keeps comments)."""
-    from dvc.utils.hydra import apply_overrides
+    from dvc.utils.hydra import apply_overrides  # type: ignore[import-untyped]
 
     apply_overrides(str(path), overrides)
 
