@@ -29,12 +29,14 @@ from pipelines.config import ParamsError, load_params
 
 # An unquoted Hydra dict key (ID in its grammar; also what a dotted -S key may hold).
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_QUOTE_ESCAPES = re.compile(r'(\\*)("|\Z)')  # backslashes before a quote or the end
 
 
 def hydra_value(value: Any) -> str:
     """``value`` (JSON-like: None, bool, int, float, str, list, dict) as a Hydra override value.
 
-    Strings are always quoted, so ``'64'`` stays text and ``'null'`` is not None; floats keep
+    Strings are always quoted (double quotes, which read well inside a shell's single
+    quotes), so ``"64"`` stays text and ``"null"`` is not None; floats keep
     Python's shortest exact form (``1e-05``), which Hydra reads as a float.
 
     Raises:
@@ -53,7 +55,11 @@ def hydra_value(value: Any) -> str:
     if isinstance(value, str):
         if "${" in value:
             raise ValueError(f"{value!r}: Hydra would read ${{...}} as an interpolation")
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        # Hydra unescapes only backslashes before a quote or at the end of a quoted string.
+        escaped = _QUOTE_ESCAPES.sub(
+            lambda m: m.group(1) * 2 + ('\\"' if m.group(2) else ""), value
+        )
+        return f'"{escaped}"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(hydra_value(v) for v in value) + "]"
     if isinstance(value, Mapping):

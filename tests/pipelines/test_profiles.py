@@ -8,9 +8,11 @@ The overrides are checked through DVC's own code (:func:`dvc.utils.hydra.apply_o
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,7 @@ def test_overrides_change_add_and_remove_keys_and_replace_lists() -> None:
     assert param_overrides(base, target) == [
         "a.x=2.5",
         "a.lst=[3]",
-        "+a.fam.three={k: 'z y'}",
+        '+a.fam.three={k: "z y"}',
         "~a.fam.one",
         "+a.y=null",
     ]
@@ -69,9 +71,10 @@ def test_hydra_values_keep_their_types() -> None:
     assert hydra_value(True) == "true"
     assert hydra_value(64) == "64"
     assert hydra_value(1e-05) == "1e-05"
-    assert hydra_value("64") == "'64'"  # text stays text
-    assert hydra_value("it's a\\b") == "'it\\'s a\\\\b'"
-    assert hydra_value([1, "a", {"k": [None]}]) == "[1, 'a', {k: [null]}]"
+    assert hydra_value("64") == '"64"'  # text stays text
+    assert hydra_value('say "a\\b"') == '"say \\"a\\b\\""'  # Hydra's escapes
+    assert hydra_value("end\\") == '"end\\\\"'
+    assert hydra_value([1, "a", {"k": [None]}]) == '[1, "a", {k: [null]}]'
     for bad in (float("nan"), "${x}", {"a b": 1}, object()):
         with pytest.raises(ValueError):
             hydra_value(bad)
@@ -80,7 +83,8 @@ def test_hydra_values_keep_their_types() -> None:
 def test_dvc_reads_the_values_back_as_they_were(tmp_path: Path) -> None:
     """Every kind of value, through DVC's -S code and back through PyYAML."""
     target = {
-        "s": "it's data/external, a,b",
+        "s": 'it\'s "data/external", a,b',
+        "w": "C:\\dir\\",  # backslashes inside and at the end
         "n": None,
         "t": True,
         "i": 7,
@@ -149,7 +153,7 @@ def test_pipeline_command_is_repro_for_params_yaml_and_a_named_experiment_for_a_
     assert command[:4] == ["exp", "run", "--name", "fm"] and command[-1] == "prepare"
     sets = command[4:-1]
     assert sets[::2] == ["-S"] * (len(sets) // 2)
-    assert "data.task='torchvision-cls'" in sets[1::2]
+    assert 'data.task="torchvision-cls"' in sets[1::2]
     assert experiment_name("params-fashion-mnist.yaml") == "fashion-mnist"
     assert free_name("fm", set()) == "fm"
     assert free_name("fm", {"fm", "fm-2"}) == "fm-3"
@@ -191,3 +195,55 @@ def test_dvc_exp_run_takes_the_profile_overrides(tmp_path: Path) -> None:
     again = run(sys.executable, "-m", "dvc", *command)
     assert again.returncode != 0 and "conflicts with existing experiment" in again.stderr
     assert dvc_command(profile, [], tmp_path)[3] == "fashion-mnist-2"
+
+
+@pytest.mark.slow
+def test_gattn_pipeline_runs_a_profile_as_a_named_experiment(
+    tmp_path: Path,
+    tiny_project: Callable[..., Path],
+    gattn_cli: Callable[..., subprocess.CompletedProcess],
+    _mlflow_store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``gattn pipeline --params params-small.yaml -- prepare`` on a scratch project: the stage
+    runs on the profile's values under the MLflow parent run, as the DVC experiment ``small``,
+    and the workspace's params.yaml then loads as the profile."""
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.setenv(var, "t")
+    for var in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(var, "t@localhost")
+    repo = tiny_project(tmp_path / "repo")
+    (repo / ".gitignore").write_text("/data/\n/outputs/\nmlflow.db\nreports/\n/models/\n")
+    profile = yaml.safe_load((repo / "params.yaml").read_text())
+    profile["data"]["num_samples"] = 30
+    profile["tracking"] = {"experiment": "gattn-small"}
+    (repo / "params-small.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True)
+
+    out = gattn_cli(repo, "pipeline", "--params", "params-small.yaml", "--", "prepare")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "pipeline: dvc exp run --name small -S " in out.stdout
+    assert " -S data.num_samples=30 " in out.stdout
+    assert " -S 'tracking.experiment=\"gattn-small\"' " in out.stdout  # as a shell takes it
+    assert load_params(repo / "params.yaml") == load_params(repo / "params-small.yaml")
+    metrics = json.loads((repo / "reports" / "prepare" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 30
+    names = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "list", "--name-only"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert names == ["small"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{_mlflow_store}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parent = next(r for r in runs if r.data.tags.get("gattn.stage") == "pipeline")
+    assert parent.data.params["params_file"] == "params-small.yaml"
+    assert parent.info.status == "FINISHED"
+    stage = next(r for r in runs if r.data.tags.get("gattn.stage") == "prepare")
+    assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert mlflow.get_experiment(stage.info.experiment_id).name == "gattn-small"
