@@ -91,12 +91,26 @@ class LoadReport:
         return asdict(self)
 
 
+# timm arguments that change how a model runs, not its parameters (DINO's ViT is built with
+# dynamic_img_size for its local crops; the ViT fine-tuned from it need not be).
+WEIGHTLESS_KWARGS = frozenset(
+    {"dynamic_img_size", "dynamic_img_pad", "drop_rate", "drop_path_rate", "attn_drop_rate",
+     "proj_drop_rate", "pos_drop_rate", "patch_drop_rate"}
+)  # fmt: skip
+
+
 def same_backbone(source: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
     """Whether two :func:`~gattn.models.build_model` configs name the same backbone (name and
-    ``backbone_kwargs``); weights are only transferred between the same architecture."""
-    return source.get("backbone") == target.get("backbone") and dict(
-        source.get("backbone_kwargs") or {}
-    ) == dict(target.get("backbone_kwargs") or {})
+    ``backbone_kwargs``, less :data:`WEIGHTLESS_KWARGS`); weights are only transferred between
+    the same architecture."""
+
+    def weighted(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs = cfg.get("backbone_kwargs") or {}
+        return {k: v for k, v in kwargs.items() if k not in WEIGHTLESS_KWARGS}
+
+    return source.get("backbone") == target.get("backbone") and weighted(source) == weighted(
+        target
+    )
 
 
 def _unwrapped_names(model: nn.Module) -> dict[str, str]:

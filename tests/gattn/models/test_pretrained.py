@@ -82,6 +82,18 @@ def test_another_backbone_loads_nothing(weights: dict[str, torch.Tensor]) -> Non
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert same_backbone(ENCODER, SEG) and not same_backbone(ENCODER, cnn)
     assert not same_backbone(ENCODER, {**ENCODER, "backbone_kwargs": {"embed_dim": 32}})
+    # arguments that leave the parameters alone do not make another backbone (DINO builds its
+    # ViT with dynamic_img_size: a tune family without it must still start from its weights)
+    dynamic = {
+        **ENCODER,
+        "backbone_kwargs": {**VIT["backbone_kwargs"], "dynamic_img_size": True},
+    }
+    assert same_backbone(dynamic, SEG) and same_backbone(SEG, dynamic)
+    report = load_pretrained(
+        build_model(SEG), build_model(dynamic).state_dict(), source_cfg=dynamic, target_cfg=SEG
+    )
+    plain = load_pretrained(build_model(SEG), weights, source_cfg=ENCODER, target_cfg=SEG)
+    assert not report.skipped and report.matched == plain.matched != []
 
 
 # --------------------------------------------------------------------------------------------
