@@ -108,9 +108,7 @@ def same_backbone(source: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
         kwargs = cfg.get("backbone_kwargs") or {}
         return {k: v for k, v in kwargs.items() if k not in WEIGHTLESS_KWARGS}
 
-    return source.get("backbone") == target.get("backbone") and weighted(source) == weighted(
-        target
-    )
+    return source.get("backbone") == target.get("backbone") and weighted(source) == weighted(target)
 
 
 def _unwrapped_names(model: nn.Module) -> dict[str, str]:
