@@ -256,7 +256,9 @@ class PretrainHooks(Hooks):
     def end_epoch(self, model: nn.Module, row: dict[str, Any]) -> None:
         if self.p.probe.every_epoch:  # the k-NN of the encoder now (DINO: the teacher's)
             encoder = build_model(self.config["model"]).to(self.device)
-            encoder.load_state_dict(unwrap(model).encoder_state_dict())
+            objective = unwrap(model)
+            assert isinstance(objective, Objective)
+            encoder.load_state_dict(objective.encoder_state_dict())
             sets = probe_sets(self.p, Path(self.config["prepared"]))
             row["probe_knn_acc"] = knn_accuracy(encoder, sets, self.p, self.device)
         self.history["epochs"].append(row)
@@ -352,7 +354,7 @@ def probe_view(img_size: int) -> ImageOnly:
     return ImageOnly(v2.Compose([v2.Resize((img_size, img_size)), to_float()]))
 
 
-def probe_sets(p: PretrainParams, prepared: Path) -> tuple[Dataset, Dataset, int]:
+def probe_sets(p: PretrainParams, prepared: Path) -> tuple[Split, Split, int]:
     """The probes' data: the train split (at most ``probe.max_train`` images) they are fitted
     on, the ``probe.split`` they are scored on, and the number of classes."""
     q = p.probe
@@ -362,7 +364,7 @@ def probe_sets(p: PretrainParams, prepared: Path) -> tuple[Dataset, Dataset, int
 
 
 def knn_accuracy(
-    encoder: nn.Module, sets: tuple[Dataset, Dataset, int], p: PretrainParams, device: Any = "cpu"
+    encoder: nn.Module, sets: tuple[Split, Split, int], p: PretrainParams, device: Any = "cpu"
 ) -> float:
     """The k-NN probe's accuracy of ``encoder`` on :func:`probe_sets`' ``sets``."""
     train, query, num_classes = sets
