@@ -146,13 +146,21 @@ def split_tensors(
     images at random (seeded), stratified by nothing (as a user's labelled subset would be)."""
     from pipelines.data import open_split
 
-    ds = open_split(split, WORK / "data")
+    ds = open_split(split, WORK / "data", transform=_as_is)  # uint8 (the default: float)
     order = range(len(ds))
     if limit is not None and limit < len(ds):
         g = torch.Generator().manual_seed(1000 + seed)
         order = sorted(torch.randperm(len(ds), generator=g)[:limit].tolist())
     images, labels = zip(*(ds[i] for i in order), strict=True)
-    return torch.stack([torch.as_tensor(x) for x in images]), torch.tensor(labels)
+    x = torch.stack([torch.as_tensor(x) for x in images])
+    if x.dtype != torch.uint8:
+        raise TypeError(f"{split}: expected uint8 images, got {x.dtype}")
+    return x, torch.tensor(labels)
+
+
+def _as_is(image: torch.Tensor) -> torch.Tensor:
+    """The data set's own ``tv_tensors.Image`` (uint8), as read."""
+    return image
 
 
 def to_input(images: torch.Tensor, size: int) -> torch.Tensor:

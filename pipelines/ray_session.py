@@ -45,9 +45,14 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
                     configure_logging=False,
                     runtime_env={
                         "worker_process_setup_hook": WORKER_SETUP_HOOK,
-                        # Ray Train's print patch tees a worker's print to stdout *and* logs it:
-                        # every progress line showed twice
-                        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+                        "env_vars": {
+                            # Ray Train's print patch tees a worker's print to stdout *and*
+                            # logs it: every progress line showed twice
+                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                            # one machine has no node to drain; its watcher actor logged a
+                            # core-worker error line at every Ray Train start
+                            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                        },
                     },
                 )
                 break

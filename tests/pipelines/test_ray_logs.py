@@ -113,6 +113,7 @@ def test_a_ray_train_run_prints_its_progress_without_ray_noise(tmp_path: Path) -
         "Failed to send resource request",
         "Found multiple active Ray instances",
         "PlacementGroupCleaner",
+        "PreemptionWatcher",
         "Checkpoint successfully created",
         "Reporting training result",
     ):
