@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown_table, write_results  # noqa: E402
+from _common import environment, fill_readme, markdown_table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "outputs/pretrain_transfer"
@@ -498,6 +498,17 @@ def table() -> dict[str, Any]:
         ]
     )
     write_results("pretrain_transfer", ft_rows, ft_cols, meta, notes)
+    fill_readme(
+        "pretrain-transfer",
+        "Fine-tuning, test accuracy (mean (spread, n seeds)):\n\n"
+        + markdown_table(ft_rows, ft_cols)
+        + "\nFrozen probes on the 10k test images (raw pixels: k-NN "
+        + f"{pix.get('knn_acc_pixels', float('nan')):.3f}, linear "
+        + f"{pix.get('linear_acc_pixels', float('nan')):.3f}):\n\n"
+        + markdown_table(probe_rows, probe_cols)
+        + "\n"
+        + "".join(f"- {t}\n" for t in targets),
+    )
     return meta
 
 
