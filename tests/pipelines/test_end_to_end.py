@@ -33,7 +33,8 @@ def test_pipeline_runs_every_stage_under_one_parent_and_reruns_only_what_changed
 ) -> None:
     stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
-    first = gattn_cli(repo, "pipeline")
+    # every stage, each starting its own Ray: minutes on 2 cores, more when they are shared
+    first = gattn_cli(repo, "pipeline", timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     runs = _runs(_mlflow_store)
     parents = [r for r in runs if r.data.tags.get("gattn.stage") == "pipeline"]
