@@ -595,6 +595,7 @@ class TuneParams(Section):
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: int = Field(1, ge=1)  # also each trial's torch threads
+    loader_workers: int = Field(0, ge=0)  # processes decoding a trial's batches (0: its own)
     time_budget_s: float | None = Field(240.0, gt=0)  # whole sweep; running trials then stop
     gpus_per_trial: float = Field(0.0, ge=0)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)

@@ -4,9 +4,10 @@ generated benchmark (:mod:`gattn.data.synthetic`).
 Bad files never stop training. At index time every image (and mask) is opened and checked with
 PIL's cheap ``verify()``; at load time a file that still fails to decode, or a mask with the wrong
 size or out-of-range values, is replaced by the next good sample. Both cases warn with the file
-name and are recorded in ``dataset.skipped`` as ``(path, reason)``. (Load-time skips inside
-DataLoader worker processes are recorded in that worker's copy of the data set; the index-time
-check is what a data report counts.) A missing, empty or mis-laid folder is a
+name and are recorded in ``dataset.skipped`` as ``(path, reason)`` (once per file);
+``dataset.replaced`` counts the samples read in place of a bad one (each time). (Load-time
+skips inside DataLoader worker processes are recorded in that worker's copy of the data set;
+the index-time check is what a data report counts.) A missing, empty or mis-laid folder is a
 :class:`DataLayoutError` that shows the expected layout.
 """
 
@@ -126,6 +127,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         self.ignore_index = ignore_index
         self.transform = transform if transform is not None else to_float()
         self.skipped: list[tuple[str, str]] = []
+        self.replaced = 0  # samples read in place of an unreadable one (load time)
         self._bad: set[int] = set()
         self.samples = [s for s in samples if self._index_ok(s, check)]
         if not self.samples:
@@ -185,6 +187,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
                 continue
             try:
                 image, target = self._load(self.samples[i])
+                self.replaced += step
                 break
             except _LOAD_ERRORS as err:
                 self._bad.add(i)
