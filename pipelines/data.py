@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -28,6 +28,7 @@ from gattn.data import (
     SegmentationFolderDataset,
     SyntheticDataset,
     TorchvisionDataset,
+    as_path,
 )
 from pipelines.config import Task
 from pipelines.paths import PREPARED, SPLITS_JSON
@@ -53,16 +54,32 @@ def read_splits(prepared: Path = PREPARED) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def data_path(location: str) -> Path:
+    """A folder of images named in ``params.yaml`` or ``splits.json``: a local path (made
+    absolute), or an object-storage URL (``s3://bucket/prefix``, ``gs://...``) as a
+    ``upath.UPath`` over fsspec (``s3fs``/``gcsfs``; credentials and endpoint from the usual
+    environment, e.g. ``AWS_ENDPOINT_URL``), which has ``Path``'s API and which the data sets
+    read like a disk (:func:`gattn.data.images.as_path`)."""
+    if "://" in location:
+        from upath import UPath
+
+        return cast(Path, UPath(location))
+    return Path(location).resolve()
+
+
 def images_root(prepared: Path, info: dict[str, Any]) -> Path:
-    """Where the images of a prepared data set live (inside ``prepared`` when generated)."""
-    root = Path(info["root"])
-    return root if root.is_absolute() else Path(prepared) / root
+    """Where the images of a prepared data set live (inside ``prepared`` when generated, or
+    on object storage: :func:`data_path`)."""
+    root = str(info["root"])
+    if "://" in root or Path(root).is_absolute():
+        return data_path(root)
+    return Path(prepared) / root
 
 
 def sample_name(sample: Any, root: Path) -> str:
     """How ``splits.json`` names a data set's sample (its first element): a torchvision set's
     key as it is, an image path relative to the images' ``root``."""
-    return sample if isinstance(sample, str) else Path(sample).relative_to(root).as_posix()
+    return sample if isinstance(sample, str) else as_path(sample).relative_to(root).as_posix()
 
 
 def open_split(
@@ -197,12 +214,18 @@ def stream(
     by ``workers`` processes (0: in this one); each batch is ``(images, targets, skipped)``.
 
     The loader draws its workers' seeds from a generator of its own, not torch's global one,
-    so reading data leaves the draws of model initialisation and dropout as they were.
+    so reading data leaves the draws of model initialisation and dropout as they were. Images
+    on object storage are read by workers started afresh (``forkserver``), each with its own
+    connection: fsspec's file systems refuse to run in a forked copy of the process that made
+    them.
     """
-    own = torch.Generator()
+    remote = not isinstance(getattr(data.split.dataset, "root", None), Path | None)
+    options: dict[str, Any] = {"num_workers": workers, "generator": torch.Generator()}
+    if workers and remote:
+        options["multiprocessing_context"] = "forkserver"
     if batches is not None:
-        return DataLoader(data, batch_sampler=batches, num_workers=workers, generator=own)  # type: ignore[arg-type]
-    return DataLoader(data, batch_size=batch_size, num_workers=workers, generator=own)
+        return DataLoader(data, batch_sampler=batches, **options)  # type: ignore[arg-type]
+    return DataLoader(data, batch_size=batch_size, **options)
 
 
 def split_class_counts(held: HeldSplit, num_classes: int, workers: int = 0) -> torch.Tensor:

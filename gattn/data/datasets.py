@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from gattn.data.images import open_image, oriented_size
+from gattn.data.images import as_path, open_file, open_image, oriented_size
 from gattn.data.synthetic import read_manifest
 from gattn.data.views import to_float
 
@@ -68,8 +68,9 @@ class DataLayoutError(ValueError):
 
 
 def _is_image(path: Path) -> bool:
+    # The name first: on object storage is_file() is a request.
     return (
-        path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+        path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".") and path.is_file()
     )
 
 
@@ -144,7 +145,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         try:
             size = None
             for path in paths:
-                with Image.open(path) as im:
+                with open_file(path) as im:
                     if size is not None:
                         _check_mask_header(im, path, size)
                     size = oriented_size(im)
@@ -155,7 +156,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         return True
 
     def _load_mask(self, path: Path, size: tuple[int, int]) -> np.ndarray:
-        with Image.open(path) as im:
+        with open_file(path) as im:
             _check_mask_header(im, path, size)
             mask = np.asarray(ImageOps.exif_transpose(im))  # values untouched
         bad = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
@@ -204,7 +205,8 @@ class ImageFolderDataset(_ImageDataset):
     """Classification data in ImageFolder layout: one sub-folder per class (sorted names).
 
     Args:
-        root: the folder holding one sub-folder per class.
+        root: the folder holding one sub-folder per class (on disk, or a path object of
+            another file system such as ``upath.UPath("s3://...")``: :func:`as_path`).
         transform: applied to each ``tv_tensors.Image`` (uint8, C x H x W).
         check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
         mode: PIL mode images are converted to.
@@ -217,7 +219,7 @@ class ImageFolderDataset(_ImageDataset):
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
     ) -> None:
-        self.root = Path(root)
+        self.root = as_path(root)
         _check_dir(self.root, CLS_LAYOUT)
         self.classes = sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -257,7 +259,7 @@ def infer_num_classes(masks: Sequence[Path], ignore_index: int = IGNORE_INDEX) -
     top = -1
     for path in masks:
         try:
-            with Image.open(path) as im:
+            with open_file(path) as im:
                 values = np.asarray(im)
         except _LOAD_ERRORS:
             continue
@@ -277,7 +279,8 @@ class SegmentationFolderDataset(_ImageDataset):
     """Segmentation data as ``root/images/*`` + ``root/masks/*`` paired by file stem.
 
     Args:
-        root: the folder holding ``images/`` and ``masks/``.
+        root: the folder holding ``images/`` and ``masks/`` (on disk or, as a path object,
+            elsewhere: :func:`as_path`).
         num_classes: number of classes; mask values must be below it or ``ignore_index``.
             None: read from the masks (:func:`infer_num_classes`).
         transform: joint transform called as ``transform(image, mask)`` on ``tv_tensors``.
@@ -295,7 +298,7 @@ class SegmentationFolderDataset(_ImageDataset):
         mode: str = "RGB",
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
-        self.root = Path(root)
+        self.root = as_path(root)
         _check_dir(self.root, SEG_LAYOUT)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} is invalid, expected >= 1")
@@ -347,7 +350,7 @@ class SyntheticDataset(_ImageDataset):
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
     ) -> None:
-        self.root = Path(root)
+        self.root = as_path(root)
         self.manifest = read_manifest(self.root)
         self.classes: list[str] = list(self.manifest["class_names"])
         records = self.manifest["samples"]
