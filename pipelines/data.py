@@ -236,8 +236,8 @@ def split_class_counts(held: HeldSplit, num_classes: int, workers: int = 0) -> t
 
     data = held.open()
     if held.kind == "cls":
-        split = data.split
-        labels = torch.tensor([split.dataset.samples[i][1] for i in split.indices])
+        samples = cast(Any, data.split.dataset).samples  # every cls data set indexes them
+        labels = torch.tensor([samples[i][1] for i in data.split.indices])
         return class_counts(labels, num_classes)
     counts = torch.zeros(num_classes, dtype=torch.long)
     for _, targets, _ in stream(data, workers=workers):
