@@ -228,23 +228,6 @@ def stream(
     return DataLoader(data, batch_size=batch_size, **options)
 
 
-def split_class_counts(held: HeldSplit, num_classes: int, workers: int = 0) -> torch.Tensor:
-    """:func:`pipelines.metrics.class_counts` of a whole split, read as a stream: a
-    classification split's labels from its index (nothing decoded), a segmentation split's
-    masks batch by batch at the held size."""
-    from pipelines.metrics import class_counts
-
-    data = held.open()
-    if held.kind == "cls":
-        samples = cast(Any, data.split.dataset).samples  # every cls data set indexes them
-        labels = torch.tensor([samples[i][1] for i in data.split.indices])
-        return class_counts(labels, num_classes)
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    for _, targets, _ in stream(data, workers=workers):
-        counts += class_counts(targets, num_classes)
-    return counts
-
-
 def native_size(prepared: Path, largest: int | None = None) -> int:
     """The side a split is held at: a generated data set's one image side, or a torchvision
     data set's when its images share one size; for images of any sizes (your ``folder-*``

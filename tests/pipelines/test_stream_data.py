@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipelines.config import TuneParams, load_params
-from pipelines.data import held_split, split_class_counts, stream
+from pipelines.data import held_split, stream
 from pipelines.stages.prepare import prepare
 from pipelines.stages.tune import stage, trial
 
@@ -71,5 +71,5 @@ def test_a_stream_batches_the_split_with_its_skips(photos: Path) -> None:
     assert sum(len(b[0]) for b in batches) == len(held.open())
     assert batches[0][0].shape[1:] == (3, 32, 32) and type(batches[0][0]) is torch.Tensor
     assert [int(b[2].sum()) for b in batches] == [1] + [0] * (len(batches) - 1)
-    counts = split_class_counts(held, 2)
+    counts = stage.split_class_counts(held, 2)
     assert int(counts.sum()) == len(held.open())

@@ -13,14 +13,14 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from pipelines.config import TuneParams, add_params_arguments, load_params
-from pipelines.data import held_split, native_size, read_splits, split_class_counts
+from pipelines.data import HeldSplit, held_split, native_size, read_splits, stream
 from pipelines.init_weights import InitWeights, resolve_init
-from pipelines.metrics import METRIC, class_weights
+from pipelines.metrics import METRIC, class_counts, class_weights
 from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
 from pipelines.stages.tune.results import log_trials, trial_row, write_outputs
 from pipelines.stages.tune.scheduler import points_run_to_end
@@ -42,6 +42,21 @@ def family_inits(p: TuneParams, pretrained: Path | None) -> dict[str, InitWeight
             )
         inits[name] = read[key]
     return inits
+
+
+def split_class_counts(held: HeldSplit, num_classes: int, workers: int = 0) -> torch.Tensor:
+    """:func:`pipelines.metrics.class_counts` of a whole split, read as a stream: a
+    classification split's labels from its index (nothing decoded), a segmentation split's
+    masks batch by batch at the held size (``workers`` loader processes)."""
+    data = held.open()
+    if held.kind == "cls":
+        samples = cast(Any, data.split.dataset).samples  # every cls data set indexes them
+        labels = torch.tensor([samples[i][1] for i in data.split.indices])
+        return class_counts(labels, num_classes)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for _, targets, _ in stream(data, workers=workers):
+        counts += class_counts(targets, num_classes)
+    return counts
 
 
 def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: int) -> TrialContext:
