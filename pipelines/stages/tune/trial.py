@@ -89,6 +89,16 @@ def measured_step(
     )
 
 
+def _counting(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row: dict[str, Any]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``batches`` (of :func:`pipelines.data.stream`) as they come, adding their skipped
+    samples to ``row["skipped"]``."""
+    for batch in batches:
+        row["skipped"] += int(batch[2].sum())
+        yield batch
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -115,10 +125,8 @@ def train_epoch(
     device = next(model.parameters()).device
     out = {"steps": 0.0, "images": 0.0, "seconds": 0.0, "loss": 0.0, "peak_bytes": 0.0}
     out["skipped"] = 0.0
-    for images, targets, skipped in stream(
-        data, batches=_batches(len(data), batch_size, gen), workers=workers
-    ):
-        out["skipped"] += float(skipped.sum())
+    batches = stream(data, batches=_batches(len(data), batch_size, gen), workers=workers)
+    for images, targets, _ in _counting(batches, out):
         x, y = _flip(images, targets, gen)
         x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
         if measure and out["steps"] == 1:
@@ -136,15 +144,6 @@ def train_epoch(
         out["steps"] += 1
     out["loss"] /= max(1.0, out["steps"] - (1 if measure else 0))
     return out
-
-
-def _counting(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row: dict[str, Any]
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``batches`` as they come, adding their skipped samples to ``row["skipped"]``."""
-    for batch in batches:
-        row["skipped"] += int(batch[2].sum())
-        yield batch
 
 
 def _is_oom(err: BaseException) -> bool:
