@@ -123,6 +123,26 @@ def test_folder_seg_on_s3(s3: object, tmp_path: Path) -> None:
     assert len(open_split("train", prepared)) + 2 == 6  # one val, one test image
 
 
+def test_the_pretrain_and_finetune_workers_read_the_bucket(s3: object, tmp_path: Path) -> None:
+    """Both stages' workers open the split through :func:`open_split`, one sample at a time:
+    with an ``s3://`` root they read the bucket (here the views of one batch each)."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.stages.finetune import train_transform
+    from pipelines.stages.pretrain import train_split, train_view
+
+    prepared = _prepare(tmp_path, "folder-cls", f"s3://{BUCKET}/cls")
+    params = load_params(ROOT / "params.yaml")
+    views, _ = next(
+        iter(DataLoader(train_split(params.pretrain, prepared, train_view(params.pretrain)), 4))
+    )
+    assert views.shape[0] == 4
+    images, labels = next(
+        iter(DataLoader(open_split("train", prepared, train_transform(params.finetune, 32)), 4))
+    )
+    assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+
+
 def test_torchvision_sets_stay_local() -> None:
     with pytest.raises(ValueError, match="object storage"):
         load_params(ROOT / "params.yaml", ["data.task=torchvision-cls", "data.root=s3://b/x"])
