@@ -11,15 +11,15 @@ peak RSS (``ru_maxrss``) is its own:
   data are, the class weights from one streamed pass) and the validation size it reports;
 - ``tune trial``: one trial of the pipeline's local baseline point (params.yaml's first
   ``tune.points_to_evaluate``) over the whole training split for one epoch, reading its own
-  batches; its training images/s is the model's (:func:`train_epoch` times the steps only);
+  batches; its training images/s is the model's (:func:`train_epoch` times the steps only).
+  Right after it, in the same process (the machine's load then the same for both), the
+  loader's images/s: the trial's stream (decode 256 px, resize to the held size) of the first
+  1024 training images, with 0 (in the trial's process) and ``--workers`` loader processes;
 - ``pretrain worker``: one epoch of the pretrain stage's training in process
   (:func:`train_in_process`, params.yaml's ``pretrain`` section) on the whole split;
 - ``finetune worker``: the finetune stage's worker set-up (:meth:`FinetuneHooks.build`: the
   split opened, the class counts streamed) and one epoch of its loader, without the model's
-  steps (the reading is what grows with the data);
-- ``loader``: images/s of the tune trial's stream (decode 256 px, resize to the held size) of
-  the first 1024 training images, with 0 (in the trial's process) and ``--workers`` loader
-  processes.
+  steps (the reading is what grows with the data).
 
 Writes ``benchmarks/results/data_scale.{json,md}``. The targets (issue 17): peak memory at the
 largest size at most 1.5x that at the smallest; loader images/s at least 2x the model's.
@@ -47,7 +47,7 @@ from _common import environment, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("a", "b", "c", "d")
 SIDE = 256
-MEASURES = ("tune driver", "tune trial", "pretrain worker", "finetune worker", "loader")
+MEASURES = ("tune driver", "tune trial", "pretrain worker", "finetune worker")
 
 
 def write_photos(root: Path, n: int, seed: int = 0) -> None:
@@ -99,19 +99,18 @@ def measure(kind: str, prepared: Path, workers: int) -> dict[str, Any]:
         assert row["status"] == "ok", row.get("traceback")
         out["model_images_per_s"] = row["images_per_s"]
         out["skipped"] = row["skipped"]
-    elif kind == "pretrain worker":
-        from pipelines.stages.pretrain import train_in_process, train_split, train_view
-
-        q = params.pretrain.model_copy(update={"epochs": 1, "warmup_epochs": 0.5})
-        train_in_process(q, train_split(q, prepared, train_view(q)), params.seed)
-    elif kind == "finetune worker":
-        out.update(_finetune_epoch(params, prepared))
-    else:  # loader
         held = held_split(prepared, "train", 1024, native_size(prepared, max(p.img_sizes)))
         for w in (0, workers):
             start = time.perf_counter()
             n = sum(len(b[0]) for b in stream(held.open(), 32, workers=w))
             out[f"loader_images_per_s_{w}w"] = n / (time.perf_counter() - start)
+    elif kind == "pretrain worker":
+        from pipelines.stages.pretrain import train_in_process, train_split, train_view
+
+        q = params.pretrain.model_copy(update={"epochs": 1, "warmup_epochs": 0.5})
+        train_in_process(q, train_split(q, prepared, train_view(q)), params.seed)
+    else:  # finetune worker
+        out.update(_finetune_epoch(params, prepared))
     return {**out, "seconds": time.perf_counter() - t0, "peak_rss_mib": _rss_mib()}
 
 
@@ -169,19 +168,20 @@ def run_size(n: int, work: Path, workers: int) -> list[dict[str, Any]]:
 
 def summarise(rows: list[dict[str, Any]], workers: int) -> dict[str, Any]:
     """Peak RSS at the largest size over the smallest, per measure; the loader's images/s
-    over the model's."""
+    over the model's, measured in the same trial process (the lowest over the sizes)."""
     sizes = sorted({r["images"] for r in rows})
     rss = {(r["images"], r["measure"]): r["peak_rss_mib"] for r in rows}
     growth = {k: rss[(sizes[-1], k)] / rss[(sizes[0], k)] for k in MEASURES}
-    model = [r["model_images_per_s"] for r in rows if r["measure"] == "tune trial"]
-    loader = [r for r in rows if r["measure"] == "loader"]
+    trials = [r for r in rows if r["measure"] == "tune trial"]
+    speed = {
+        w: min(r[f"loader_images_per_s_{w}w"] / r["model_images_per_s"] for r in trials)
+        for w in (0, workers)
+    }
     return {
         "sizes": sizes,
         "peak_rss_growth": growth,
         "memory_target_met": max(growth.values()) <= 1.5,
-        "loader_over_model_0w": min(r["loader_images_per_s_0w"] for r in loader) / max(model),
-        f"loader_over_model_{workers}w": min(r[f"loader_images_per_s_{workers}w"] for r in loader)
-        / max(model),
+        **{f"loader_over_model_{w}w": v for w, v in speed.items()},
     }
 
 

@@ -100,7 +100,7 @@ def test_prepare_indexes_a_bucket_and_stages_stream_from_it(s3: object, tmp_path
     assert labels[0] == ["cat", "dog"].index(first.split("/")[0])
 
 
-@pytest.mark.slow  # loader workers over object storage start by forkserver: ~40 s here
+@pytest.mark.slow  # its loader workers over object storage start by forkserver
 @pytest.mark.filterwarnings("ignore:skipping unreadable sample")
 def test_a_trial_reads_the_bucket_and_skips_a_corrupt_object(s3, tmp_path: Path) -> None:
     prepared = _prepare(tmp_path, "folder-cls", f"s3://{BUCKET}/cls")
