@@ -83,9 +83,15 @@ def sample_name(sample: Any, root: Path) -> str:
 
 
 def open_split(
-    split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
+    split: str,
+    prepared: Path = PREPARED,
+    transform: Any = None,
+    large: bool = False,
+    decode_size: int | None = None,
 ) -> Split:
-    """The ``train``/``val``/``test`` split (or all the large images) of a prepared data set."""
+    """The ``train``/``val``/``test`` split (or all the large images) of a prepared data set;
+    ``decode_size``: a ``folder-cls`` set's JPEGs decoded at a reduced scale no smaller than
+    that side (for a ``transform`` that resizes to it; :class:`gattn.data.ImageFolderDataset`)."""
     prepared = Path(prepared)
     info = read_splits(prepared)
     if large:
@@ -102,7 +108,7 @@ def open_split(
     elif info["task"] == "torchvision-cls":
         full = TorchvisionDataset(info["dataset"], root, transform=transform)
     elif info["task"] == "folder-cls":
-        full = ImageFolderDataset(root, transform=transform, check="none")
+        full = ImageFolderDataset(root, transform, check="none", decode_size=decode_size)
     else:
         full = SegmentationFolderDataset(root, len(info["classes"]), transform, check="none")
     position = {sample_name(p, root): i for i, (p, _) in enumerate(full.samples)}
@@ -193,9 +199,8 @@ class HeldSplit:
     def open(self) -> SkipCounted:
         """The split's samples, decoded one at a time as they are read."""
         transform = held_transform(self.kind, self.size)
-        return SkipCounted(
-            subset(open_split(self.split, Path(self.prepared), transform), self.limit)
-        )
+        split = open_split(self.split, Path(self.prepared), transform, decode_size=self.size)
+        return SkipCounted(subset(split, self.limit))
 
 
 def held_split(prepared: Path, split: str, limit: int | None, size: int) -> HeldSplit:

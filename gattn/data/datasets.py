@@ -108,6 +108,10 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         check: ``"verify"`` (PIL verify, cheap), ``"decode"`` (full decode) or ``"none"``.
         mode: PIL mode images are converted to (``"RGB"`` or ``"L"``).
         ignore_index: mask value excluded from the loss.
+        decode_size: classification images only (a mask must match its image pixel for
+            pixel): decode JPEGs at a reduced scale no smaller than this side
+            (:func:`gattn.data.images.open_image`'s ``min_side``), for a transform that
+            resizes them to it.
     """
 
     def __init__(
@@ -121,11 +125,13 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         mode: str,
         ignore_index: int,
         layout: str,
+        decode_size: int | None = None,
     ) -> None:
         if check not in ("verify", "decode", "none"):
             raise ValueError(f"check={check!r} is invalid, expected 'verify', 'decode' or 'none'")
         self.task, self.num_classes, self.mode = task, num_classes, mode
         self.ignore_index = ignore_index
+        self.decode_size = decode_size if task == "cls" else None
         self.transform = transform if transform is not None else to_float()
         self.skipped: list[tuple[str, str]] = []
         self.replaced = 0  # samples read in place of an unreadable one (load time)
@@ -168,7 +174,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         return mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.int64)
 
     def _load(self, sample: tuple[Path, Any]) -> tuple[tv_tensors.Image, Any]:
-        image = np.asarray(open_image(sample[0], self.mode))
+        image = np.asarray(open_image(sample[0], self.mode, self.decode_size))
         image = tv_tensors.Image(
             torch.from_numpy(image.copy()).reshape(*image.shape[:2], -1).permute(2, 0, 1)
         )
@@ -210,6 +216,8 @@ class ImageFolderDataset(_ImageDataset):
         transform: applied to each ``tv_tensors.Image`` (uint8, C x H x W).
         check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
         mode: PIL mode images are converted to.
+        decode_size: decode JPEGs at a reduced scale no smaller than this side (for a
+            transform that resizes to it; None: whole).
     """
 
     def __init__(
@@ -218,6 +226,7 @@ class ImageFolderDataset(_ImageDataset):
         transform: Callable[..., Any] | None = None,
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
+        decode_size: int | None = None,
     ) -> None:
         self.root = as_path(root)
         _check_dir(self.root, CLS_LAYOUT)
@@ -245,6 +254,7 @@ class ImageFolderDataset(_ImageDataset):
             mode=mode,
             ignore_index=IGNORE_INDEX,
             layout=CLS_LAYOUT,
+            decode_size=decode_size,
         )
         self.targets = [s[1] for s in self.samples]
 
