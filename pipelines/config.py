@@ -142,7 +142,9 @@ class DataParams(Section):
 
     ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``), your own images:
     ``folder-cls`` (ImageFolder layout) or ``folder-seg`` (``images/`` + ``masks/``) under
-    ``root``, or ``torchvision-cls``: the ``torchvision.datasets`` class named ``dataset``
+    ``root`` (a local folder, or ``s3://bucket/prefix`` / ``gs://...``: object storage over
+    fsspec, :func:`pipelines.data.data_path`), or ``torchvision-cls``: the
+    ``torchvision.datasets`` class named ``dataset``
     read from ``root`` in its own layout (``download``: fetch it there if missing), whose test
     part is the test split and whose train part gives the train and ``val_fraction`` val
     splits. ``num_samples`` is the number of generated samples, or for ``torchvision-cls`` at
@@ -190,6 +192,11 @@ class DataParams(Section):
             raise ValueError(
                 f"data.generator: options of the generated tasks; task {self.task!r} "
                 "generates nothing: use {}"
+            )
+        if self.task == "torchvision-cls" and self.root and "://" in self.root:
+            raise ValueError(
+                f"data.root: {self.root} is object storage, which the folder tasks read "
+                "(folder-cls, folder-seg); torchvision-cls reads a local folder"
             )
         if self.task == "torchvision-cls" and self.dataset is None:
             raise ValueError(
@@ -595,6 +602,7 @@ class TuneParams(Section):
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: int = Field(1, ge=1)  # also each trial's torch threads
+    loader_workers: int = Field(0, ge=0)  # processes decoding a trial's batches (0: its own)
     time_budget_s: float | None = Field(240.0, gt=0)  # whole sweep; running trials then stop
     gpus_per_trial: float = Field(0.0, ge=0)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)

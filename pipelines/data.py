@@ -4,26 +4,31 @@ The ``prepare`` stage writes ``data/prepared/splits.json`` (which images form th
 and test splits, the classes, where the images live, the task) and, for a generated benchmark,
 the images themselves; a split names an image by its path under the images' root, or for a
 torchvision data set by its key (``train/00042``: its part and index). Every later stage reads
-the data through this module, never through ``prepare``'s code. :func:`load_tensors` holds a
-(small) split in memory as one tensor: the tune stage trains every trial from one copy, and
-the finetune stage scores its model on the search's validation images.
+the data through this module, never through ``prepare``'s code. A split is read as a stream,
+never held: :class:`HeldSplit` names one at a fixed size, and :func:`stream` decodes its
+batches file by file (the tune stage's trials read their own; the finetune stage scores its
+model on the search's validation images the same way), so the memory of a process does not
+grow with the data set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from gattn.data import (
     ImageFolderDataset,
     SegmentationFolderDataset,
     SyntheticDataset,
     TorchvisionDataset,
+    as_path,
 )
 from pipelines.config import Task
 from pipelines.paths import PREPARED, SPLITS_JSON
@@ -49,22 +54,44 @@ def read_splits(prepared: Path = PREPARED) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def data_path(location: str) -> Path:
+    """A folder of images named in ``params.yaml`` or ``splits.json``: a local path (made
+    absolute), or an object-storage URL (``s3://bucket/prefix``, ``gs://...``) as a
+    ``upath.UPath`` over fsspec (``s3fs``/``gcsfs``; credentials and endpoint from the usual
+    environment, e.g. ``AWS_ENDPOINT_URL``), which has ``Path``'s API and which the data sets
+    read like a disk (:func:`gattn.data.images.as_path`)."""
+    if "://" in location:
+        from upath import UPath
+
+        return cast(Path, UPath(location))
+    return Path(location).resolve()
+
+
 def images_root(prepared: Path, info: dict[str, Any]) -> Path:
-    """Where the images of a prepared data set live (inside ``prepared`` when generated)."""
-    root = Path(info["root"])
-    return root if root.is_absolute() else Path(prepared) / root
+    """Where the images of a prepared data set live (inside ``prepared`` when generated, or
+    on object storage: :func:`data_path`)."""
+    root = str(info["root"])
+    if "://" in root or Path(root).is_absolute():
+        return data_path(root)
+    return Path(prepared) / root
 
 
 def sample_name(sample: Any, root: Path) -> str:
     """How ``splits.json`` names a data set's sample (its first element): a torchvision set's
     key as it is, an image path relative to the images' ``root``."""
-    return sample if isinstance(sample, str) else Path(sample).relative_to(root).as_posix()
+    return sample if isinstance(sample, str) else as_path(sample).relative_to(root).as_posix()
 
 
 def open_split(
-    split: str, prepared: Path = PREPARED, transform: Any = None, large: bool = False
+    split: str,
+    prepared: Path = PREPARED,
+    transform: Any = None,
+    large: bool = False,
+    decode_size: int | None = None,
 ) -> Split:
-    """The ``train``/``val``/``test`` split (or all the large images) of a prepared data set."""
+    """The ``train``/``val``/``test`` split (or all the large images) of a prepared data set;
+    ``decode_size``: a ``folder-cls`` set's JPEGs decoded at a reduced scale no smaller than
+    that side (for a ``transform`` that resizes to it; :class:`gattn.data.ImageFolderDataset`)."""
     prepared = Path(prepared)
     info = read_splits(prepared)
     if large:
@@ -81,7 +108,7 @@ def open_split(
     elif info["task"] == "torchvision-cls":
         full = TorchvisionDataset(info["dataset"], root, transform=transform)
     elif info["task"] == "folder-cls":
-        full = ImageFolderDataset(root, transform=transform, check="none")
+        full = ImageFolderDataset(root, transform, check="none", decode_size=decode_size)
     else:
         full = SegmentationFolderDataset(root, len(info["classes"]), transform, check="none")
     position = {sample_name(p, root): i for i, (p, _) in enumerate(full.samples)}
@@ -96,8 +123,9 @@ def open_split(
 
 
 def subset(ds: Split, limit: int | None) -> Split:
-    """The first ``limit`` samples of ``ds`` (all of them for ``None``)."""
-    return Subset(ds, range(min(len(ds), limit))) if limit else ds
+    """The first ``limit`` samples of ``ds`` (all of them for ``None``), a view of the same
+    full data set (``.dataset``)."""
+    return Subset(ds.dataset, ds.indices[:limit]) if limit else ds
 
 
 def data_fingerprint(prepared: Path) -> str:
@@ -112,28 +140,97 @@ def data_fingerprint(prepared: Path) -> str:
     return digest.hexdigest()
 
 
-def load_tensors(
-    prepared: Path, split: str, limit: int | None, size: int
-) -> tuple[torch.Tensor, torch.Tensor, Task]:
-    """The first ``limit`` images of a split as one float tensor at ``size`` x ``size`` (masks
-    resized nearest), their targets, and the task kind (``seg``/``cls``)."""
+def held_transform(kind: Task, size: int) -> Any:
+    """How the tune stage holds each image: resized to ``size`` x ``size`` (a mask nearest),
+    float in [0, 1]."""
     from torchvision.transforms import v2
 
     from gattn.data.views import seg_eval_transform, to_float
 
-    kind: Task = read_splits(prepared)["kind"]
-    transform = (
+    return (
         seg_eval_transform(size)
         if kind == "seg"
         else v2.Compose([v2.Resize((size, size)), to_float()])
     )
-    ds = subset(open_split(split, prepared, transform), limit)
-    images, targets = zip(*(ds[i] for i in range(len(ds))), strict=True)
-    return (
-        torch.stack([torch.as_tensor(x) for x in images]),
-        torch.as_tensor(torch.stack(targets) if kind == "seg" else targets),
-        kind,
-    )
+
+
+class SkipCounted(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
+    """A split whose samples say how many unreadable files were skipped to load them.
+
+    The folder data sets read the next good sample in place of a file that fails to decode
+    and count it (``replaced``, :mod:`gattn.data.datasets`); in a ``DataLoader`` worker that
+    count is the worker's own copy's, so it travels with each sample instead:
+    ``(image, target, skipped)``, image and target as plain tensors.
+    """
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        before = getattr(self.split.dataset, "replaced", 0)
+        image, target = self.split[index]
+        skipped = getattr(self.split.dataset, "replaced", 0) - before
+        return torch.as_tensor(image).as_subclass(torch.Tensor), torch.as_tensor(target), skipped
+
+
+@dataclass(frozen=True)
+class HeldSplit:
+    """The first ``limit`` images of a prepared ``split``, each resized to ``size`` px
+    (:func:`held_transform`), read as a stream: plain values, so a trial or worker receives it
+    pickled and reads its own batches from the files, and no process holds the split.
+
+    Attributes:
+        prepared: The prepared data folder.
+        split: ``train``, ``val`` or ``test``.
+        limit: Images kept (None: all).
+        size: The side each image is resized to.
+        kind: The task's targets, ``seg`` or ``cls``.
+    """
+
+    prepared: str
+    split: str
+    limit: int | None
+    size: int
+    kind: Task
+
+    def open(self) -> SkipCounted:
+        """The split's samples, decoded one at a time as they are read."""
+        transform = held_transform(self.kind, self.size)
+        split = open_split(self.split, Path(self.prepared), transform, decode_size=self.size)
+        return SkipCounted(subset(split, self.limit))
+
+
+def held_split(prepared: Path, split: str, limit: int | None, size: int) -> HeldSplit:
+    """:class:`HeldSplit` of a prepared data folder (its task kind read from ``splits.json``)."""
+    kind: Task = read_splits(prepared)["kind"]
+    return HeldSplit(str(prepared), split, limit, size, kind)
+
+
+def stream(
+    data: SkipCounted,
+    batch_size: int = 64,
+    batches: Iterable[Sequence[int]] | None = None,
+    workers: int = 0,
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Batches of ``data`` in order (``batch_size``), or the given index ``batches``, decoded
+    by ``workers`` processes (0: in this one); each batch is ``(images, targets, skipped)``.
+
+    The loader draws its workers' seeds from a generator of its own, not torch's global one,
+    so reading data leaves the draws of model initialisation and dropout as they were. Images
+    on object storage are read by workers started afresh (``forkserver``), each with its own
+    connection: fsspec's file systems refuse to run in a forked copy of the process that made
+    them.
+    """
+    remote = not isinstance(getattr(data.split.dataset, "root", None), Path | None)
+    options: dict[str, Any] = {"num_workers": workers, "generator": torch.Generator()}
+    if workers and remote:
+        options["multiprocessing_context"] = "forkserver"
+    if batches is not None:
+        return DataLoader(data, batch_sampler=batches, **options)  # type: ignore[arg-type]
+    return DataLoader(data, batch_size=batch_size, **options)
 
 
 def native_size(prepared: Path, largest: int | None = None) -> int:

@@ -9,7 +9,7 @@ Segmentation targets use :data:`gattn.data.IGNORE_INDEX` (255) as "ignore".
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -75,14 +75,13 @@ def score(
 @torch.no_grad()
 def score_resized(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
+    batches: Iterable[Sequence[torch.Tensor]],
     task: Task,
     size: int,
     num_classes: int,
-    batch_size: int = 64,
 ) -> dict[str, Any]:
-    """:func:`score` of ``model`` fed ``images`` resized to ``size`` px
+    """:func:`score` of ``model`` over ``(images, targets, ...)`` batches (a stream of a split;
+    further items ignored), the images resized to ``size`` px
     (:func:`gattn.inference.resize_input`, as in training and serving); segmentation logits
     are resized back to the targets' resolution, so models trained at any resolution are
     scored on the same masks. ``model``'s train/eval mode is restored after."""
@@ -96,18 +95,23 @@ def score_resized(
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
-    batches = zip(images.split(batch_size), targets.split(batch_size), strict=True)
-    out = score(predict, batches, task, num_classes, device)
+    pairs = ((batch[0], batch[1]) for batch in batches)
+    out = score(predict, pairs, task, num_classes, device)
     model.train(was_training)
     return out
 
 
-def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Loss weights ``1 / sqrt(frequency)`` of each class among ``targets`` (pixels or
-    labels; 255 ignored), scaled so the average weight per target is 1; absent classes get
-    the largest weight."""
+def class_counts(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """How many of ``targets`` (pixels or labels; 255 ignored) hold each class: sums over
+    batches add up to the counts of a whole split."""
     valid = targets[targets != IGNORE_INDEX].flatten().long()
-    freq = torch.bincount(valid, minlength=num_classes)[:num_classes].double()
+    return torch.bincount(valid, minlength=num_classes)[:num_classes]
+
+
+def class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Loss weights ``1 / sqrt(frequency)`` of each class from its :func:`class_counts`,
+    scaled so the average weight per target is 1; absent classes get the largest weight."""
+    freq = counts.double()
     freq = freq / freq.sum().clamp(min=1)
     w = freq.clamp(min=freq[freq > 0].min() if (freq > 0).any() else 1.0).rsqrt()
     return (w / (w * freq).sum().clamp(min=1e-12)).float()

@@ -11,7 +11,7 @@ from gattn.data.datasets import (
     SyntheticDataset,
     infer_num_classes,
 )
-from gattn.data.images import open_image, oriented_size, to_mode
+from gattn.data.images import as_path, open_file, open_image, oriented_size, to_mode
 from gattn.data.pathfinder import PathfinderConfig, pathfinder_sample, render_paths
 from gattn.data.synthetic import (
     TASKS,
@@ -48,11 +48,13 @@ __all__ = [
     "SegmentationFolderDataset",
     "SyntheticDataset",
     "TorchvisionDataset",
+    "as_path",
     "cue_seg_sample",
     "generate",
     "infer_num_classes",
     "mae_view",
     "make_config",
+    "open_file",
     "open_image",
     "oriented_size",
     "pathfinder_sample",

@@ -4,9 +4,10 @@ generated benchmark (:mod:`gattn.data.synthetic`).
 Bad files never stop training. At index time every image (and mask) is opened and checked with
 PIL's cheap ``verify()``; at load time a file that still fails to decode, or a mask with the wrong
 size or out-of-range values, is replaced by the next good sample. Both cases warn with the file
-name and are recorded in ``dataset.skipped`` as ``(path, reason)``. (Load-time skips inside
-DataLoader worker processes are recorded in that worker's copy of the data set; the index-time
-check is what a data report counts.) A missing, empty or mis-laid folder is a
+name and are recorded in ``dataset.skipped`` as ``(path, reason)`` (once per file);
+``dataset.replaced`` counts the samples read in place of a bad one (each time). (Load-time
+skips inside DataLoader worker processes are recorded in that worker's copy of the data set;
+the index-time check is what a data report counts.) A missing, empty or mis-laid folder is a
 :class:`DataLayoutError` that shows the expected layout.
 """
 
@@ -25,7 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from gattn.data.images import open_image, oriented_size
+from gattn.data.images import as_path, open_file, open_image, oriented_size
 from gattn.data.synthetic import read_manifest
 from gattn.data.views import to_float
 
@@ -67,8 +68,9 @@ class DataLayoutError(ValueError):
 
 
 def _is_image(path: Path) -> bool:
+    # The name first: on object storage is_file() is a request.
     return (
-        path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+        path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".") and path.is_file()
     )
 
 
@@ -106,6 +108,10 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         check: ``"verify"`` (PIL verify, cheap), ``"decode"`` (full decode) or ``"none"``.
         mode: PIL mode images are converted to (``"RGB"`` or ``"L"``).
         ignore_index: mask value excluded from the loss.
+        decode_size: classification images only (a mask must match its image pixel for
+            pixel): decode JPEGs at a reduced scale no smaller than this side
+            (:func:`gattn.data.images.open_image`'s ``min_side``), for a transform that
+            resizes them to it.
     """
 
     def __init__(
@@ -119,13 +125,16 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         mode: str,
         ignore_index: int,
         layout: str,
+        decode_size: int | None = None,
     ) -> None:
         if check not in ("verify", "decode", "none"):
             raise ValueError(f"check={check!r} is invalid, expected 'verify', 'decode' or 'none'")
         self.task, self.num_classes, self.mode = task, num_classes, mode
         self.ignore_index = ignore_index
+        self.decode_size = decode_size if task == "cls" else None
         self.transform = transform if transform is not None else to_float()
         self.skipped: list[tuple[str, str]] = []
+        self.replaced = 0  # samples read in place of an unreadable one (load time)
         self._bad: set[int] = set()
         self.samples = [s for s in samples if self._index_ok(s, check)]
         if not self.samples:
@@ -142,7 +151,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         try:
             size = None
             for path in paths:
-                with Image.open(path) as im:
+                with open_file(path) as im:
                     if size is not None:
                         _check_mask_header(im, path, size)
                     size = oriented_size(im)
@@ -153,7 +162,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         return True
 
     def _load_mask(self, path: Path, size: tuple[int, int]) -> np.ndarray:
-        with Image.open(path) as im:
+        with open_file(path) as im:
             _check_mask_header(im, path, size)
             mask = np.asarray(ImageOps.exif_transpose(im))  # values untouched
         bad = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
@@ -165,7 +174,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         return mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.int64)
 
     def _load(self, sample: tuple[Path, Any]) -> tuple[tv_tensors.Image, Any]:
-        image = np.asarray(open_image(sample[0], self.mode))
+        image = np.asarray(open_image(sample[0], self.mode, self.decode_size))
         image = tv_tensors.Image(
             torch.from_numpy(image.copy()).reshape(*image.shape[:2], -1).permute(2, 0, 1)
         )
@@ -185,6 +194,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
                 continue
             try:
                 image, target = self._load(self.samples[i])
+                self.replaced += step
                 break
             except _LOAD_ERRORS as err:
                 self._bad.add(i)
@@ -201,10 +211,13 @@ class ImageFolderDataset(_ImageDataset):
     """Classification data in ImageFolder layout: one sub-folder per class (sorted names).
 
     Args:
-        root: the folder holding one sub-folder per class.
+        root: the folder holding one sub-folder per class (on disk, or a path object of
+            another file system such as ``upath.UPath("s3://...")``: :func:`as_path`).
         transform: applied to each ``tv_tensors.Image`` (uint8, C x H x W).
         check: index-time check, ``"verify"``, ``"decode"`` or ``"none"``.
         mode: PIL mode images are converted to.
+        decode_size: decode JPEGs at a reduced scale no smaller than this side (for a
+            transform that resizes to it; None: whole).
     """
 
     def __init__(
@@ -213,8 +226,9 @@ class ImageFolderDataset(_ImageDataset):
         transform: Callable[..., Any] | None = None,
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
+        decode_size: int | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root = as_path(root)
         _check_dir(self.root, CLS_LAYOUT)
         self.classes = sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -240,6 +254,7 @@ class ImageFolderDataset(_ImageDataset):
             mode=mode,
             ignore_index=IGNORE_INDEX,
             layout=CLS_LAYOUT,
+            decode_size=decode_size,
         )
         self.targets = [s[1] for s in self.samples]
 
@@ -254,7 +269,7 @@ def infer_num_classes(masks: Sequence[Path], ignore_index: int = IGNORE_INDEX) -
     top = -1
     for path in masks:
         try:
-            with Image.open(path) as im:
+            with open_file(path) as im:
                 values = np.asarray(im)
         except _LOAD_ERRORS:
             continue
@@ -274,7 +289,8 @@ class SegmentationFolderDataset(_ImageDataset):
     """Segmentation data as ``root/images/*`` + ``root/masks/*`` paired by file stem.
 
     Args:
-        root: the folder holding ``images/`` and ``masks/``.
+        root: the folder holding ``images/`` and ``masks/`` (on disk or, as a path object,
+            elsewhere: :func:`as_path`).
         num_classes: number of classes; mask values must be below it or ``ignore_index``.
             None: read from the masks (:func:`infer_num_classes`).
         transform: joint transform called as ``transform(image, mask)`` on ``tv_tensors``.
@@ -292,7 +308,7 @@ class SegmentationFolderDataset(_ImageDataset):
         mode: str = "RGB",
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
-        self.root = Path(root)
+        self.root = as_path(root)
         _check_dir(self.root, SEG_LAYOUT)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} is invalid, expected >= 1")
@@ -344,7 +360,7 @@ class SyntheticDataset(_ImageDataset):
         check: Literal["verify", "decode", "none"] = "verify",
         mode: str = "RGB",
     ) -> None:
-        self.root = Path(root)
+        self.root = as_path(root)
         self.manifest = read_manifest(self.root)
         self.classes: list[str] = list(self.manifest["class_names"])
         records = self.manifest["samples"]

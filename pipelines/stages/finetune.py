@@ -71,10 +71,11 @@ from pipelines.contracts import (
 from pipelines.data import (
     Split,
     data_fingerprint,
-    load_tensors,
+    held_split,
     native_size,
     open_split,
     read_splits,
+    stream,
     subset,
 )
 from pipelines.init_weights import (
@@ -85,7 +86,7 @@ from pipelines.init_weights import (
     resolve_init,
 )
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
-from pipelines.metrics import METRIC, class_weights, score, score_resized
+from pipelines.metrics import METRIC, class_counts, class_weights, score, score_resized
 from pipelines.paths import BEST_JSON, FINETUNE_REPORTS, FINETUNED, PREPARED, PRETRAINED
 from pipelines.train.loop import HISTORY, Hooks, train, unwrap
 from pipelines.train.trainer import fit_torch_trainer
@@ -147,16 +148,14 @@ def compare_with_search(
     (:func:`pipelines.metrics.score_resized`); older ``best.json`` files without
     ``measured_on`` are compared on the whole validation split."""
     on = best.measured_on
-    images, targets, _ = load_tensors(
-        prepared, on.split, on.images, on.size or native_size(prepared)
-    )
-    ours = score_resized(model, images, targets, task, size, num_classes)[METRIC[task]]
+    images = held_split(prepared, on.split, on.images, on.size or native_size(prepared)).open()
+    ours = score_resized(model, stream(images), task, size, num_classes)[METRIC[task]]
     search = float(entry.quality)
     return {
         "search_quality": search,
         "search_split_score": float(ours),
         "gain_over_search": float(ours) - search,
-        "search_split_images": int(images.shape[0]),
+        "search_split_images": len(images),
     }
 
 
@@ -338,8 +337,10 @@ class FinetuneHooks(Hooks):
         train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
         self.val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
         if p.balance_classes:  # the all-background answer must not be the cheapest one
-            targets = torch.cat([torch.as_tensor(train[i][1]).flatten() for i in range(len(train))])
-            self.weight = class_weights(targets, self.num_classes)
+            counts = torch.zeros(self.num_classes, dtype=torch.long)
+            for i in range(len(train)):  # one sample at a time: memory flat in the split's size
+                counts += class_counts(torch.as_tensor(train[i][1]), self.num_classes)
+            self.weight = class_weights(counts)
         self.use_context = p.context_crop > 0 and self.task == "seg" and takes_context(model)
         self.generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.rank)
         return model, train, config["batch_size"]

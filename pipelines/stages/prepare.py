@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from gattn.data import (
     DataLayoutError,
@@ -33,13 +32,14 @@ from gattn.data import (
     SyntheticDataset,
     TorchvisionDataset,
     generate,
+    open_file,
     open_image,
     oriented_size,
     to_mode,
 )
 from gattn.diagnostics import sample_grid
 from pipelines.config import Params, Task, add_params_arguments, load_params
-from pipelines.data import GENERATED, SPLITS, sample_name
+from pipelines.data import GENERATED, SPLITS, data_path, sample_name
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARE_REPORTS, PREPARED, SPLITS_JSON
 
@@ -130,7 +130,7 @@ def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
         return SyntheticDataset(root), root, manifest["kind"]
     if d.root is None:  # DataParams refuses a folder-* task without a root
         raise ValueError(f"data.root: required for data.task {d.task!r}")
-    root = Path(d.root).resolve()
+    root = data_path(d.root)  # a local folder, or s3:// / gs:// (folder tasks)
     if d.task == "torchvision-cls":
         return _open_torchvision(params, root), root, "cls"
     if d.task == "folder-cls":
@@ -146,7 +146,7 @@ def _class_names(dataset: Any, kind: str) -> list[str]:
 def _load_target(dataset: Any, i: int) -> np.ndarray | int:
     target = dataset.samples[i][1]
     if dataset.task == "seg":
-        with Image.open(target) as m:
+        with open_file(target) as m:
             return np.asarray(m)
     return int(target)
 
@@ -168,7 +168,7 @@ def _image_sizes(dataset: FullSet) -> Counter[str]:
     """How many images have each ``WxH`` (as shown, after EXIF orientation)."""
     sizes: Counter[str] = Counter()
     for path, _ in dataset.samples:
-        with Image.open(path) as im:
+        with open_file(path) as im:
             width, height = oriented_size(im)
         sizes[f"{width}x{height}"] += 1
     return sizes
@@ -257,7 +257,7 @@ def write_splits(
     def rel(i: int) -> str:
         return sample_name(dataset.samples[i][0], root)
 
-    in_work = root.is_relative_to(work)
+    in_work = isinstance(root, Path) and root.is_relative_to(work)
     write_json(
         work / SPLITS_JSON,
         {

@@ -1,5 +1,5 @@
 """Your own images at any size (issue 14), without Ray: the prepare stage indexes a folder of
-mixed sizes and modes, and the in-memory splits the tune stage trains from are held at the
+mixed sizes and modes, and the splits the tune stage streams are held at the
 largest trial resolution, not at the first image's size."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.config import load_params
-from pipelines.data import load_tensors, native_size
+from pipelines.data import held_split, native_size, stream
 from pipelines.stages.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,9 +44,10 @@ def test_folder_images_keep_their_sizes_and_tune_holds_them_at_its_largest_size(
     largest = max(params.tune.img_sizes)
     size = native_size(tmp_path / "prepared", largest)
     assert size == largest  # not the first image's 8 px, nor the 300 px one
-    images, targets, kind = load_tensors(tmp_path / "prepared", "train", None, size)
-    assert kind == "cls" and images.shape[1:] == (3, largest, largest)
-    assert len(targets) == images.shape[0]
+    held = held_split(tmp_path / "prepared", "train", None, size)
+    images, targets, _ = next(iter(stream(held.open())))
+    assert held.kind == "cls" and images.shape[1:] == (3, largest, largest)
+    assert len(targets) == images.shape[0] == len(held.open())
 
 
 @pytest.mark.parametrize("largest", [None, 64])

@@ -14,7 +14,7 @@ import torch
 
 from pipelines.cli import main
 from pipelines.config import Params
-from pipelines.data import data_fingerprint, load_tensors, native_size, open_split
+from pipelines.data import data_fingerprint, held_split, native_size, open_split, stream
 from pipelines.stages.prepare import part_split, prepare
 
 
@@ -78,8 +78,10 @@ def test_prepare_splits_by_the_data_sets_parts(tmp_path: Path, mnist_like) -> No
     first = int(splits["val"][0].split("/")[1])
     assert val[0][1] == int(data["train"][1][first])
     assert native_size(out) == native_size(out, largest=64) == 28
-    x, y, kind = load_tensors(out, "train", 8, 28)
-    assert x.shape == (8, 3, 28, 28) and x.dtype == torch.float32 and kind == "cls"
+    held = held_split(out, "train", 8, 28)
+    x, y, skipped = next(iter(stream(held.open())))
+    assert x.shape == (8, 3, 28, 28) and x.dtype == torch.float32 and held.kind == "cls"
+    assert skipped.tolist() == [0] * 8
     first = int(splits["train"][0].split("/")[1])
     assert torch.equal(
         (x[0, 0] * 255).round().to(torch.uint8), torch.from_numpy(data["train"][0][first])

@@ -55,6 +55,7 @@ TRIAL_COLUMNS = [
     "params",
     "pretrained_tensors",
     "train_s",
+    "skipped",
     "error",
 ]
 PARETO_COLUMNS = [

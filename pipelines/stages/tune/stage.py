@@ -1,9 +1,10 @@
 """``gattn tune``: the stage that runs the search (see :mod:`pipelines.stages.tune`).
 
-Loads what every trial shares once (:func:`data_context`: the data as tensors, each family's
-initial weights), runs the Ray Tune sweep (:func:`sweep`: Optuna TPE + ASHA, one function
-trainable per trial, ``cpus_per_trial`` CPUs each, ``max_concurrent`` at once) and writes the
-outputs (:func:`pipelines.stages.tune.results.write_outputs`).
+Gathers what every trial shares once (:func:`data_context`: where the data are, the class
+weights, each family's initial weights; each trial reads its own batches from the files), runs
+the Ray Tune sweep (:func:`sweep`: Optuna TPE + ASHA, one function trainable per trial,
+``cpus_per_trial`` CPUs each, ``max_concurrent`` at once) and writes the outputs
+(:func:`pipelines.stages.tune.results.write_outputs`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from pipelines.config import TuneParams, add_params_arguments, load_params
-from pipelines.data import load_tensors, native_size, read_splits
+from pipelines.data import HeldSplit, held_split, native_size, read_splits, stream
 from pipelines.init_weights import InitWeights, resolve_init
-from pipelines.metrics import METRIC
+from pipelines.metrics import METRIC, class_counts, class_weights
 from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
 from pipelines.stages.tune.results import log_trials, trial_row, write_outputs
 from pipelines.stages.tune.scheduler import points_run_to_end
@@ -43,24 +44,46 @@ def family_inits(p: TuneParams, pretrained: Path | None) -> dict[str, InitWeight
     return inits
 
 
+def split_class_counts(held: HeldSplit, num_classes: int, workers: int = 0) -> torch.Tensor:
+    """:func:`pipelines.metrics.class_counts` of a whole split, read as a stream: a
+    classification split's labels from its index (nothing decoded), a segmentation split's
+    masks batch by batch at the held size (``workers`` loader processes)."""
+    data = held.open()
+    if held.kind == "cls":
+        samples = cast(Any, data.split.dataset).samples  # every cls data set indexes them
+        labels = torch.tensor([samples[i][1] for i in data.split.indices])
+        return class_counts(labels, num_classes)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for _, targets, _ in stream(data, workers=workers):
+        counts += class_counts(targets, num_classes)
+    return counts
+
+
 def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: int) -> TrialContext:
-    """What every trial shares: data tensors (at the data's own size; each trial resizes to
-    its resolution), classes, channels, each family's initial weights (:func:`family_inits`;
-    ``pretrained``: the pretrain stage's folder, for ``ssl``) and the device."""
+    """What every trial shares: where its data are (:class:`pipelines.data.HeldSplit`, at the
+    data's own size; each trial reads its own batches and resizes them to its resolution),
+    classes, channels, the class weights (one streamed pass over the training split), each
+    family's initial weights (:func:`family_inits`; ``pretrained``: the pretrain stage's
+    folder, for ``ssl``) and the device. Nothing here grows with the data set."""
     inits = family_inits(p, pretrained)  # first: a missing file fails before the data loads
     info = read_splits(prepared)
+    num_classes = len(info["classes"])
     size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
-    train_x, train_y, kind = load_tensors(prepared, "train", p.max_train_samples, size)
-    val_x, val_y, _ = load_tensors(prepared, "val", p.max_val_samples, size)
+    train = held_split(prepared, "train", p.max_train_samples, size)
+    val = held_split(prepared, "val", p.max_val_samples, size)
+    weight = None
+    if p.balance_classes:
+        weight = class_weights(split_class_counts(train, num_classes, p.loader_workers))
     use_gpu = p.gpus_per_trial > 0 and torch.cuda.is_available()
     return TrialContext(
         params=p,
         seed=seed,
-        kind=kind,
-        num_classes=len(info["classes"]),
-        in_chans=int(train_x.shape[1]),
-        train=(train_x, train_y),
-        val=(val_x, val_y),
+        kind=train.kind,
+        num_classes=num_classes,
+        in_chans=int(train.open()[0][0].shape[0]),
+        train=train,
+        val=val,
+        class_weight=weight,
         inits=inits,
         device="cuda" if use_gpu else "cpu",
         threads=p.cpus_per_trial,
@@ -148,11 +171,10 @@ def tune_stage(
     context = data_context(Path(prepared), pretrained, p, seed)
     name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{trial_id(p.model_dump(mode='json'))}"
     rows, wall = sweep(p, context, name)
-    val_images = context.val[0]
     measured_on = {
         "split": "val",
-        "images": int(val_images.shape[0]),
-        "size": int(val_images.shape[-1]),
+        "images": len(context.val.open()),
+        "size": context.val.size,
         "metric": METRIC[context.kind],
     }
     metrics = write_outputs(

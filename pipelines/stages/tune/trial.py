@@ -24,7 +24,7 @@ import json
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,9 @@ from gattn.inference.preprocess import resize_input
 from gattn.models import build_model
 from gattn.models.io import cpu_state_dict
 from pipelines.config import Task, TuneParams
+from pipelines.data import HeldSplit, SkipCounted, stream
 from pipelines.init_weights import InitWeights, apply_init
-from pipelines.metrics import METRIC, class_weights, score_resized
+from pipelines.metrics import METRIC, score_resized
 from pipelines.stages.tune.space import model_config, summary, trial_id
 from pipelines.train.loop import warmup_cosine_scheduler
 
@@ -59,8 +60,8 @@ def _resize_targets(y: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=gen)
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    order = torch.randperm(n, generator=gen).tolist()
     full = max(1, n // batch_size)
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(full)]
 
@@ -88,32 +89,45 @@ def measured_step(
     )
 
 
+def _counting(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row: dict[str, Any]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``batches`` (of :func:`pipelines.data.stream`) as they come, adding their skipped
+    samples to ``row["skipped"]``."""
+    for batch in batches:
+        row["skipped"] += int(batch[2].sum())
+        yield batch
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: SkipCounted,
     batch_size: int,
     size: int,
     gen: torch.Generator,
     measure: bool,
     weight: torch.Tensor | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    workers: int = 0,
 ) -> dict[str, float]:
-    """One epoch of random-flip training at ``size`` px (loss weighted per class by
-    ``weight``, if given; ``scheduler`` stepped after every optimizer step).
+    """One epoch of random-flip training at ``size`` px over ``data`` in a random order
+    (read as a stream by ``workers`` loader processes; loss weighted per class by ``weight``,
+    if given; ``scheduler`` stepped after every optimizer step).
 
     With ``measure``, the second step (the first has created the optimizer state) is run
     under :func:`gattn.budget.peak_memory` and left out of the timing.
 
     Returns:
-        ``steps``, ``images``, ``seconds`` (timed steps), ``loss`` (mean) and ``peak_bytes``
-        (0 when not measured).
+        ``steps``, ``images``, ``seconds`` (timed steps), ``loss`` (mean), ``peak_bytes``
+        (0 when not measured) and ``skipped`` (unreadable samples replaced).
     """
-    images, targets = data
     device = next(model.parameters()).device
     out = {"steps": 0.0, "images": 0.0, "seconds": 0.0, "loss": 0.0, "peak_bytes": 0.0}
-    for idx in _batches(len(images), batch_size, gen):
-        x, y = _flip(images[idx], targets[idx], gen)
+    out["skipped"] = 0.0
+    batches = stream(data, batches=_batches(len(data), batch_size, gen), workers=workers)
+    for images, targets, _ in _counting(batches, out):
+        x, y = _flip(images, targets, gen)
         x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
         if measure and out["steps"] == 1:
             out["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
@@ -123,7 +137,7 @@ def train_epoch(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             out["seconds"] += time.perf_counter() - t0
-            out["images"] += len(idx)
+            out["images"] += len(x)
             out["loss"] += float(loss)
         if scheduler is not None:
             scheduler.step()
@@ -148,9 +162,12 @@ class TrialContext:
         kind: The task's targets: ``seg`` (masks) or ``cls`` (labels).
         num_classes: Classes of the prepared data.
         in_chans: Image channels.
-        train: Training ``(images, targets)`` at the data's own size
-            (:func:`pipelines.data.load_tensors`); each trial resizes to its resolution.
-        val: Validation ``(images, targets)``, the same way.
+        train: The training images, at the size the data are held at
+            (:class:`pipelines.data.HeldSplit`): each trial reads its own batches from the
+            files and resizes them to its resolution.
+        val: The validation images, the same way.
+        class_weight: The loss weight of each class (``tune.balance_classes``; None: none),
+            counted once over the training split.
         inits: Each family's initial weights (``tune.families.<name>.init``, resolved once
             by :func:`pipelines.init_weights.resolve_init`); a family without an entry starts
             from scratch.
@@ -163,8 +180,9 @@ class TrialContext:
     kind: Task
     num_classes: int
     in_chans: int
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
+    train: HeldSplit
+    val: HeldSplit
+    class_weight: torch.Tensor | None
     inits: dict[str, InitWeights]
     device: str
     threads: int
@@ -249,7 +267,7 @@ def build_trial_model(
 def first_batch_peak(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: SkipCounted,
     batch_size: int,
     size: int,
     weight: torch.Tensor | None,
@@ -257,7 +275,7 @@ def first_batch_peak(
     """:func:`measured_step` on the first batch at ``size`` px: the peak of a trial whose epoch
     is one step (:func:`train_epoch` measures its second step, taken with optimizer state)."""
     device = next(model.parameters()).device
-    x, y = data[0][:batch_size], data[1][:batch_size]
+    x, y, _ = next(iter(stream(data, batch_size)))
     x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
     return float(measured_step(model, optimizer, x, y, weight))
 
@@ -280,35 +298,38 @@ def train_config(
     learning rate with the shared warm-up + cosine schedule
     (:func:`pipelines.train.loop.warmup_cosine_scheduler`: ``p.warmup_epochs`` of linear
     warm-up, cosine down to ``lr * p.min_lr_ratio``), class-balanced cross-entropy, random
-    flips; the data order and initialisation follow ``context.seed``.
+    flips; the data order and initialisation follow ``context.seed``. The trial reads its
+    batches from the files (``tune.loader_workers`` processes); ``row["skipped"]`` counts the
+    unreadable samples it met (each replaced by the next good one), which never stop it.
     """
     gen = torch.Generator().manual_seed(context.seed)
     model = build_trial_model(cfg, context, device, row, str(sample.get("family", "")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=sample["lr"], weight_decay=p.weight_decay)
     size, batch_size = int(sample["img_size"]), int(sample["batch_size"])
+    train, val, workers = context.train.open(), context.val.open(), p.loader_workers
     # Counting the steps draws one permutation from ``gen``: the data order depends on it.
-    steps = len(_batches(len(context.train[0]), batch_size, gen))
+    steps = len(_batches(len(train), batch_size, gen))
     scheduler = warmup_cosine_scheduler(
         optimizer, p.epochs * steps, p.warmup_epochs * steps, p.min_lr_ratio
     )
-    weight = None
-    if p.balance_classes:
-        weight = class_weights(context.train[1], context.num_classes).to(device)
+    weight = None if context.class_weight is None else context.class_weight.to(device)
     images = seconds = 0.0
+    row["skipped"] = 0
     for epoch in range(p.epochs):
         stats = train_epoch(
-            model, optimizer, context.train, batch_size, size, gen, epoch == 0, weight, scheduler
+            model, optimizer, train, batch_size, size, gen, epoch == 0, weight, scheduler, workers
         )
         if epoch == 0:
             if stats["steps"] < 2:  # one step per epoch: measure a second one now
                 stats["peak_bytes"] = first_batch_peak(
-                    model, optimizer, context.train, batch_size, size, weight
+                    model, optimizer, train, batch_size, size, weight
                 )
             row["peak_memory_gib"] = stats["peak_bytes"] / GIB
         images += stats["images"]
         seconds += stats["seconds"]
-        val_x, val_y = context.val
-        scores = score_resized(model, val_x, val_y, context.kind, size, context.num_classes)
+        val_batches = _counting(stream(val, workers=workers), row)
+        scores = score_resized(model, val_batches, context.kind, size, context.num_classes)
+        row["skipped"] += int(stats["skipped"])
         row.update(
             status="ok",
             epochs=epoch + 1,

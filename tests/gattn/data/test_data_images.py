@@ -204,3 +204,17 @@ def test_serving_decodes_like_training(tmp_path: Path) -> None:
         got = decode_image(buf.getvalue(), 10_000, "RGB")
         assert got.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(got), expected, err_msg=name)
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_when_asked(tmp_path: Path) -> None:
+    """``min_side`` / ``decode_size``: a 256 x 200 JPEG decoded at 1/2 for 100 px (both sides
+    stay at least 100), whole without it; a PNG always whole; the data set does the same."""
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 256, 3), dtype=np.uint8)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "c" / "a.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "c" / "b.png")
+    assert open_image(tmp_path / "c" / "a.jpg", min_side=100).size == (128, 100)
+    assert open_image(tmp_path / "c" / "a.jpg").size == (256, 200)
+    assert open_image(tmp_path / "c" / "b.png", min_side=100).size == (256, 200)
+    ds = ImageFolderDataset(tmp_path, decode_size=60)  # 1/4 would be 64 x 50: too small
+    assert [tuple(ds[i][0].shape[-2:]) for i in range(2)] == [(100, 128), (200, 256)]
