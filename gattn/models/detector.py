@@ -86,8 +86,8 @@ def pyramid_indices(
             f"backbone {backbone} gives feature maps at strides {list(reductions)}; the detector "
             f"needs one map at each stride from {2**min_level} (min_level={min_level}) to at "
             f"least {2 ** (min_level + 1)}. Use a hierarchical backbone (ResNet, ConvNeXt, Swin, "
-            "gattn_local_cnn with 4+ widths) or raise min_level; a plain ViT (one stride) needs "
-            "a simple feature pyramid (ViTDet), which is not implemented"
+            "gattn_local_cnn with 3+ widths) or a min_level it has; a plain ViT (one stride) "
+            "needs a simple feature pyramid (ViTDet), which is not implemented"
         )
     return indices
 
