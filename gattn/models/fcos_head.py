@@ -84,7 +84,8 @@ class FCOSHead(nn.Module):
                 nn.init.normal_(module.weight, std=0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
+        bias = -math.log((1 - self.prior_prob) / self.prior_prob)
+        nn.init.constant_(self.cls_logits.bias, bias)  # type: ignore[arg-type]  (has a bias)
         nn.init.ones_(self.scales)
 
     def forward(
