@@ -58,8 +58,9 @@ __all__ = [
 
 
 # Boxes per image of a detector's estimated step. The FCOS assignment holds a few
-# (locations x boxes) tensors (0.5 MiB per image at 128 px with P2 and 16 boxes), small next to
-# the activations at this count; pass the data set's typical count where it is much larger.
+# (locations x boxes x 4) tensors, one image at a time (0.35 MiB each at 128 px with P2 and 16
+# boxes): small next to the activations at this count; pass the data set's typical count as
+# boxes_per_image where it is much larger.
 DET_BOXES_PER_IMAGE = 16
 
 Targets = torch.Tensor | Sequence[Target]
@@ -199,6 +200,7 @@ def measure_peak_memory(
     *,
     lr: float = 1e-3,
     seed: int = 0,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
 ) -> int:
     """Peak bytes of one real training step of ``model_cfg`` (see the module docstring).
 
@@ -210,6 +212,7 @@ def measure_peak_memory(
         device: ``"cpu"`` (tracked tensor allocations) or a CUDA device (allocator peak).
         lr: AdamW learning rate (does not change the memory).
         seed: Seed of the initialisation and the random batch.
+        boxes_per_image: Boxes per image of a detector's batch (:func:`make_batch`).
 
     Returns:
         Peak bytes: parameters, buffers, optimizer state, the batch, activations, gradients and
@@ -218,7 +221,9 @@ def measure_peak_memory(
     torch.manual_seed(seed)
     model, optimizer = _setup(model_cfg, img_size, lr, device)
     _warm(optimizer)
-    images, targets = make_batch(model_cfg, batch_size, img_size, device)
+    images, targets = make_batch(
+        model_cfg, batch_size, img_size, device, boxes_per_image=boxes_per_image
+    )
     return peak_memory(
         lambda: train_step(model, optimizer, images, targets),
         [model, optimizer, images, *tree_leaves(targets)],
@@ -263,6 +268,7 @@ def estimate_peak_memory(
     device: torch.device | str = "cpu",
     *,
     lr: float = 1e-3,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
 ) -> int:
     """Peak bytes of one training step, from a run on fake tensors (no real activations).
 
@@ -279,6 +285,7 @@ def estimate_peak_memory(
         device: The device the figure is for; no memory is allocated on it (a CUDA device
             must be visible, for its properties).
         lr: AdamW learning rate.
+        boxes_per_image: Boxes per image of a detector's batch (:func:`make_batch`).
 
     Returns:
         Estimated peak bytes, the figure :func:`measure_peak_memory` reports.
@@ -300,7 +307,9 @@ def estimate_peak_memory(
     with mode:
         optimizer = adamw(model, lr, device)
         _warm(optimizer)
-        images, targets = make_batch(model_cfg, batch_size, img_size, device)
+        images, targets = make_batch(
+            model_cfg, batch_size, img_size, device, boxes_per_image=boxes_per_image
+        )
         tracker = StoragePeak()
         tracker.track(*_state_tensors(model, optimizer), images, *tree_leaves(targets))
         with tracker:
@@ -355,6 +364,7 @@ def profiled_peak_memory(
     *,
     lr: float = 1e-3,
     seed: int = 0,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
 ) -> int:
     """Peak bytes of one real CPU training step from the profiler's memory events.
 
@@ -365,7 +375,8 @@ def profiled_peak_memory(
     profiling).
 
     Args:
-        model_cfg, batch_size, img_size, lr, seed: As in :func:`measure_peak_memory`.
+        model_cfg, batch_size, img_size, lr, seed, boxes_per_image: As in
+            :func:`measure_peak_memory`.
 
     Returns:
         Peak bytes on the CPU.
@@ -377,5 +388,6 @@ def profiled_peak_memory(
     _warm(optimizer)
     base = persistent_bytes(model, optimizer)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, optimizer, *make_batch(model_cfg, batch_size, img_size))
+        batch = make_batch(model_cfg, batch_size, img_size, boxes_per_image=boxes_per_image)
+        train_step(model, optimizer, *batch)
     return base + allocator_peak(prof)

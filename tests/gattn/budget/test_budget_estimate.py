@@ -157,3 +157,10 @@ def test_detector_batches_hold_boxes_and_train() -> None:
     assert torch.isfinite(train_step(model, optimizer, images, targets))
     with pytest.raises(ValueError, match="class_weight"):
         train_step(model, optimizer, images, targets, torch.ones(3))
+
+
+def test_detector_estimate_counts_the_boxes() -> None:
+    cfg, batch, size = CONFIGS["detector P2+global tokens@all"]
+    few = estimate_peak_memory(cfg, batch, size, boxes_per_image=1)
+    many = estimate_peak_memory(cfg, batch, size, boxes_per_image=400)
+    assert many > few + 340 * 400 * 4 * 4  # at least one (locations x boxes x 4) float tensor
