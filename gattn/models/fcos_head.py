@@ -79,13 +79,12 @@ class FCOSHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        prior_bias = -math.log((1 - self.prior_prob) / self.prior_prob)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        bias = -math.log((1 - self.prior_prob) / self.prior_prob)
-        nn.init.constant_(self.cls_logits.bias, bias)  # type: ignore[arg-type]  (has a bias)
+                    nn.init.constant_(module.bias, prior_bias if module is self.cls_logits else 0.0)
         nn.init.ones_(self.scales)
 
     def forward(
