@@ -1,8 +1,9 @@
 """Peak memory of one training step of a model config: measured, estimated, and profiled.
 
 One training step is what a budget must hold: a batch of ``batch_size`` images at
-``img_size`` x ``img_size`` (and their targets), the forward pass, the cross-entropy loss, the
-backward pass and an AdamW step, with the parameters, buffers and optimizer state already in
+``img_size`` x ``img_size`` (and their targets), the forward pass, the loss (cross-entropy; a
+detector's FCOS loss with :data:`DET_BOXES_PER_IMAGE` boxes per image), the backward pass and
+an AdamW step, with the parameters, buffers and optimizer state already in
 place (as in every step after the first). Gradients are freed before the step
 (``zero_grad(set_to_none=True)``).
 
@@ -29,19 +30,22 @@ for backward + transient buffers; the tools here measure rather than model those
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from gattn.data.datasets import IGNORE_INDEX
-from gattn.models import build_model
+from gattn.models import Detector, build_model
+from gattn.models.fcos import Target
 
 from .memory import StoragePeak, peak_memory
 
 __all__ = [
+    "DET_BOXES_PER_IMAGE",
     "IGNORE_INDEX",
     "allocator_peak",
     "estimate_peak_memory",
@@ -53,9 +57,23 @@ __all__ = [
 ]
 
 
+# Boxes per image of a detector's estimated step. The FCOS assignment holds a few
+# (locations x boxes x 4) tensors, one image at a time (0.35 MiB each at 128 px with P2 and 16
+# boxes): small next to the activations at this count; pass the data set's typical count as
+# boxes_per_image where it is much larger.
+DET_BOXES_PER_IMAGE = 16
+
+Targets = torch.Tensor | Sequence[Target]
+
+
 def make_batch(
-    cfg: Mapping[str, Any], batch_size: int, img_size: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg: Mapping[str, Any],
+    batch_size: int,
+    img_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
+) -> tuple[torch.Tensor, Targets]:
     """Random images and targets of the shapes a training step of ``cfg`` takes.
 
     Args:
@@ -63,38 +81,82 @@ def make_batch(
         batch_size: Images per batch.
         img_size: Image side in pixels.
         device: Where to allocate.
+        boxes_per_image: Boxes per image for ``task="det"``.
 
     Returns:
         Images ``(B, in_chans, S, S)`` and targets: ``(B, S, S)`` class ids for ``task="seg"``,
+        per image ``{"boxes": (n, 4) xyxy, "labels": (n,)}`` for ``"det"`` (4-16 px boxes),
         ``(B,)`` labels otherwise.
     """
     images = torch.randn(batch_size, cfg.get("in_chans", 3), img_size, img_size, device=device)
+    if cfg.get("task") == "det":
+        return images, [
+            random_boxes(boxes_per_image, img_size, max(1, cfg["num_classes"]), device)
+            for _ in range(batch_size)
+        ]
     shape = (batch_size, img_size, img_size) if cfg.get("task") == "seg" else (batch_size,)
     targets = torch.randint(0, max(1, cfg["num_classes"]), shape, device=device)
     return images, targets
+
+
+def random_boxes(
+    num: int, img_size: int, num_classes: int, device: torch.device | str = "cpu"
+) -> Target:
+    """``num`` random boxes of 4-16 px (at most the image) inside an ``img_size`` square, and
+    random labels in ``0..num_classes-1``."""
+    side = 4 + torch.rand(num, 2, device=device) * 12
+    side = side.clamp(max=img_size)
+    corner = torch.rand(num, 2, device=device) * (img_size - side)
+    return {
+        "boxes": torch.cat([corner, corner + side], dim=1),
+        "labels": torch.randint(0, num_classes, (num,), device=device),
+    }
+
+
+def training_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Targets,
+    class_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss a training step minimises: a :class:`~gattn.models.Detector`'s own loss
+    (``targets`` a list of box dicts), otherwise cross-entropy with segmentation targets equal
+    to :data:`IGNORE_INDEX` excluded.
+
+    Raises:
+        ValueError: ``class_weight`` for a detector (its focal loss has no class weights).
+    """
+    if isinstance(model, Detector):
+        if class_weight is not None:
+            raise ValueError("a detector's loss takes no class_weight (its focal loss balances)")
+        if isinstance(targets, torch.Tensor):
+            raise TypeError("a detector's targets are a list of {'boxes', 'labels'} dicts")
+        return model.loss(model(images), targets)["loss"]
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} takes a tensor of targets, not {type(targets)}")
+    return F.cross_entropy(model(images), targets, weight=class_weight, ignore_index=IGNORE_INDEX)
 
 
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
-    targets: torch.Tensor,
+    targets: Targets,
     class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One optimisation step: free gradients, forward, cross-entropy, backward, step.
-
-    Segmentation targets equal to :data:`IGNORE_INDEX` are excluded from the loss.
+    """One optimisation step: free gradients, forward, loss (:func:`training_loss`),
+    backward, step.
 
     Args:
         model, optimizer: What is trained.
-        images, targets: One batch.
-        class_weight: Optional per-class loss weights ``(num_classes,)``.
+        images, targets: One batch (a detector's targets: per image ``{"boxes", "labels"}``).
+        class_weight: Optional per-class loss weights ``(num_classes,)`` (not for detectors).
 
     Returns:
         The loss (detached).
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(images), targets, weight=class_weight, ignore_index=IGNORE_INDEX)
+    loss = training_loss(model, images, targets, class_weight)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -138,6 +200,7 @@ def measure_peak_memory(
     *,
     lr: float = 1e-3,
     seed: int = 0,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
 ) -> int:
     """Peak bytes of one real training step of ``model_cfg`` (see the module docstring).
 
@@ -149,6 +212,7 @@ def measure_peak_memory(
         device: ``"cpu"`` (tracked tensor allocations) or a CUDA device (allocator peak).
         lr: AdamW learning rate (does not change the memory).
         seed: Seed of the initialisation and the random batch.
+        boxes_per_image: Boxes per image of a detector's batch (:func:`make_batch`).
 
     Returns:
         Peak bytes: parameters, buffers, optimizer state, the batch, activations, gradients and
@@ -157,10 +221,12 @@ def measure_peak_memory(
     torch.manual_seed(seed)
     model, optimizer = _setup(model_cfg, img_size, lr, device)
     _warm(optimizer)
-    images, targets = make_batch(model_cfg, batch_size, img_size, device)
+    images, targets = make_batch(
+        model_cfg, batch_size, img_size, device, boxes_per_image=boxes_per_image
+    )
     return peak_memory(
         lambda: train_step(model, optimizer, images, targets),
-        [model, optimizer, images, targets],
+        [model, optimizer, images, *tree_leaves(targets)],
         device,
     )
 
@@ -202,6 +268,7 @@ def estimate_peak_memory(
     device: torch.device | str = "cpu",
     *,
     lr: float = 1e-3,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
 ) -> int:
     """Peak bytes of one training step, from a run on fake tensors (no real activations).
 
@@ -218,6 +285,7 @@ def estimate_peak_memory(
         device: The device the figure is for; no memory is allocated on it (a CUDA device
             must be visible, for its properties).
         lr: AdamW learning rate.
+        boxes_per_image: Boxes per image of a detector's batch (:func:`make_batch`).
 
     Returns:
         Estimated peak bytes, the figure :func:`measure_peak_memory` reports.
@@ -239,9 +307,11 @@ def estimate_peak_memory(
     with mode:
         optimizer = adamw(model, lr, device)
         _warm(optimizer)
-        images, targets = make_batch(model_cfg, batch_size, img_size, device)
+        images, targets = make_batch(
+            model_cfg, batch_size, img_size, device, boxes_per_image=boxes_per_image
+        )
         tracker = StoragePeak()
-        tracker.track(*_state_tensors(model, optimizer), images, targets)
+        tracker.track(*_state_tensors(model, optimizer), images, *tree_leaves(targets))
         with tracker:
             train_step(model, optimizer, images, targets)
     return tracker.peak
@@ -294,6 +364,7 @@ def profiled_peak_memory(
     *,
     lr: float = 1e-3,
     seed: int = 0,
+    boxes_per_image: int = DET_BOXES_PER_IMAGE,
 ) -> int:
     """Peak bytes of one real CPU training step from the profiler's memory events.
 
@@ -304,7 +375,8 @@ def profiled_peak_memory(
     profiling).
 
     Args:
-        model_cfg, batch_size, img_size, lr, seed: As in :func:`measure_peak_memory`.
+        model_cfg, batch_size, img_size, lr, seed, boxes_per_image: As in
+            :func:`measure_peak_memory`.
 
     Returns:
         Peak bytes on the CPU.
@@ -316,5 +388,6 @@ def profiled_peak_memory(
     _warm(optimizer)
     base = persistent_bytes(model, optimizer)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, optimizer, *make_batch(model_cfg, batch_size, img_size))
+        batch = make_batch(model_cfg, batch_size, img_size, boxes_per_image=boxes_per_image)
+        train_step(model, optimizer, *batch)
     return base + allocator_peak(prof)

@@ -1,6 +1,8 @@
-"""Inference at full resolution: sliding windows with global feedback, test-time augmentation,
-and the one preprocessing path from an image to a model's input."""
+"""Inference at full resolution: sliding windows with global feedback, test-time augmentation
+(for dense maps and for boxes), and the one preprocessing path from an image to a model's
+input."""
 
+from .detection import sliding_window_detect, tta_detect
 from .preprocess import InputTransform, model_input, resize_input
 from .sliding_window import blend_weights, downscaled_context, sliding_window, window_starts
 from .tta import tta
@@ -12,6 +14,8 @@ __all__ = [
     "model_input",
     "resize_input",
     "sliding_window",
+    "sliding_window_detect",
     "tta",
+    "tta_detect",
     "window_starts",
 ]

@@ -100,7 +100,7 @@ def blend_weights(
     return torch.outer(axis(h), axis(w)).clamp_min_(_MIN_WEIGHT)
 
 
-def downscaled_context(model: nn.Module, image: torch.Tensor, context_size: Size) -> torch.Tensor:
+def downscaled_context(model: object, image: torch.Tensor, context_size: Size) -> torch.Tensor:
     """``model.encode_context`` of ``image`` resized (antialiased bilinear) to ``context_size``."""
     encode_context = getattr(model, "encode_context", None)
     if not callable(encode_context):
@@ -199,6 +199,66 @@ def auto_batch_size(activation_bytes: int, num_windows: int, device: torch.devic
     return int(max(1, min(num_windows, MAX_AUTO_BATCH, budget // max(per_window, 1))))
 
 
+def window_grid(
+    image: torch.Tensor, window: Size, overlap: Size, pad_value: float = 0.0
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``image`` padded at the bottom/right to at least ``window`` (crop results back to the
+    original size), and the window starts along its height and width (:func:`window_starts`,
+    stride ``window - overlap``)."""
+    win, ovl = _pair(window), _pair(overlap)
+    H, W = image.shape[-2:]
+    pad_h, pad_w = max(win[0] - H, 0), max(win[1] - W, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=pad_value)
+    ys = window_starts(image.shape[-2], win[0], win[0] - ovl[0])
+    xs = window_starts(image.shape[-1], win[1], win[1] - ovl[1])
+    return image, ys, xs
+
+
+def resolve_context(
+    model: object,
+    image: torch.Tensor,
+    global_context: torch.Tensor | Literal["auto"] | None,
+    context_size: Size,
+) -> torch.Tensor | None:
+    """The ``(B, C_g)`` context of a sliding window: ``None``, the tensor given (checked to
+    have one row per image) or, for ``"auto"``, :func:`downscaled_context` at ``context_size``."""
+    if isinstance(global_context, str):
+        if global_context != "auto":
+            raise ValueError(f"global_context must be None, a tensor or 'auto': {global_context!r}")
+        global_context = downscaled_context(model, image, context_size)
+    if global_context is not None and global_context.shape[0] != image.shape[0]:
+        raise ValueError(
+            f"global_context has {global_context.shape[0]} rows for {image.shape[0]} images"
+        )
+    return global_context
+
+
+def window_batch(
+    image: torch.Tensor,
+    chunk: list[tuple[int, int, int]],
+    window: tuple[int, int],
+    global_context: torch.Tensor | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The windows ``(n, C, h, w)`` at ``chunk``'s ``(image index, top, left)`` positions,
+    copied once into ``memory_format``, and the model's keyword arguments: each window's row
+    of ``global_context`` (none when it is ``None``)."""
+    windows = torch.empty(
+        (len(chunk), image.shape[1], *window),
+        device=image.device,
+        dtype=image.dtype,
+        memory_format=memory_format,
+    )
+    for tile, (b, y, x) in zip(windows, chunk, strict=True):
+        tile.copy_(image[b, :, y : y + window[0], x : x + window[1]])
+    kwargs = {}
+    if global_context is not None:
+        rows = torch.tensor([b for b, _, _ in chunk], device=global_context.device)
+        kwargs["global_context"] = global_context[rows]
+    return windows, kwargs
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """Memory format of ``x``: channels-last only where it is that and not plain contiguous."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -267,43 +327,21 @@ def sliding_window(
     auto_batch = batch_size is None or batch_size == "auto"
     if not auto_batch and not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, 'auto' or None, got {batch_size!r}")
-    win, ovl = _pair(window), _pair(overlap)
-    strides = tuple(w - o for w, o in zip(win, ovl, strict=True))
-    B, C, H, W = image.shape
+    win = _pair(window)
+    B, _, H, W = image.shape
     device = image.device
-
-    if isinstance(global_context, str):
-        if global_context != "auto":
-            raise ValueError(f"global_context must be None, a tensor or 'auto': {global_context!r}")
-        global_context = downscaled_context(model, image, context_size or win)
-    if global_context is not None and global_context.shape[0] != B:
-        raise ValueError(f"global_context has {global_context.shape[0]} rows for {B} images")
+    global_context = resolve_context(model, image, global_context, context_size or win)
     if channels_last == "auto":
         channels_last = prefers_channels_last(model, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    # Pad axes shorter than the window at the bottom/right; cropped back at the end.
-    pad_h, pad_w = max(win[0] - H, 0), max(win[1] - W, 0)
-    if pad_h or pad_w:
-        image = F.pad(image, (0, pad_w, 0, pad_h), value=pad_value)
+    image, ys, xs = window_grid(image, win, overlap, pad_value)
     Hp, Wp = image.shape[-2:]
-
-    ys = window_starts(Hp, win[0], strides[0])
-    xs = window_starts(Wp, win[1], strides[1])
     crops = [(b, y, x) for b in range(B) for y in ys for x in xs]
     single = len(ys) == len(xs) == 1
     weight = blend_weights(win, blend, device=device)
 
     def forward(chunk: list[tuple[int, int, int]], measure: bool) -> tuple[torch.Tensor, int]:
-        windows = torch.empty(
-            (len(chunk), C, *win), device=device, dtype=image.dtype, memory_format=memory_format
-        )
-        for tile, (b, y, x) in zip(windows, chunk, strict=True):
-            tile.copy_(image[b, :, y : y + win[0], x : x + win[1]])
-        kwargs = {}
-        if global_context is not None:
-            rows = torch.tensor([b for b, _, _ in chunk], device=global_context.device)
-            kwargs["global_context"] = global_context[rows]
+        windows, kwargs = window_batch(image, chunk, win, global_context, memory_format)
         if measure:
             return largest_activation(model, windows, **kwargs)
         return model(windows, **kwargs), 0

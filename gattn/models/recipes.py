@@ -21,6 +21,22 @@ with this project's ``gattn pretrain`` instead).
   block is global self-attention, ready for MAE (He et al. 2022): no class token by default
   (average pooling), and ``model.patch_embed.patch_size`` / ``model.patch_embed.grid_size``
   give the patch grid to mask.
+
+Detector recipes (:class:`~gattn.models.detector.Detector`: FPN + FCOS head, Lin et al. 2017,
+Tian et al. 2019), the source article's small-object scenario ("PPM + large-kernel
+convolution + a P2 detection level: keep the detail while strengthening global context") and
+its controls. Each is a plain :func:`~gattn.models.build.build_detector` config
+(:data:`DET_RECIPES`), selected by ``build_model({"task": "det", "recipe": name, ...})`` or
+``timm.create_model(name, num_classes=K)``; any key given overrides the recipe's. All share a
+CPU-sized ResNet-18 (one block per stage, widths 16-128), 64 FPN channels and 2 convs per
+head tower, so they differ only in the levels and the global blocks:
+
+* ``gattn_det_p3``: the local baseline, FPN P3-P5, no global block.
+* ``gattn_det_p2``: + the stride-4 P2 level (objects up to 32 px are learnt there).
+* ``gattn_det_p2_ppm_lk``: the article's recipe, P2 + a pyramid pooling module (Zhao et al.
+  2017) and a 13x13 large-kernel block (Ding et al. 2022, RepLKNet) on P5, before the
+  top-down path, so their context reaches P2.
+* ``gattn_det_p2_tokens``: P2 + 8 global tokens (windows of 4) on P5.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ import gattn.modules.non_local  # noqa: F401
 import gattn.modules.pyramid_pooling  # noqa: F401
 import gattn.modules.squeeze_excite  # noqa: F401
 
+from .build import build_detector
 from .inject import Spec, inject
 from .local_cnn import DEFAULT_WIDTHS, LocalCNN
 
@@ -204,3 +221,72 @@ def gattn_vit_global(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(
         "gattn_vit_global", "vit_tiny_patch16_224", pretrained, None, takes_img_size=True, **args
     )
+
+
+_DET_BASE: dict[str, Any] = {
+    "backbone": "resnet18",
+    "backbone_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]},
+    "fpn_channels": 64,
+    "head_kwargs": {"num_convs": 2},
+}
+
+DET_RECIPES: dict[str, dict[str, Any]] = {
+    "gattn_det_p3": {**_DET_BASE, "min_level": 3},
+    "gattn_det_p2": {**_DET_BASE, "min_level": 2},
+    "gattn_det_p2_ppm_lk": {
+        **_DET_BASE,
+        "min_level": 2,
+        "global_modules": [
+            {"block": "ppm", "pool_sizes": [1, 2, 3, 6]},
+            {"block": "large_kernel", "kernel_size": 13},
+        ],
+        "global_at": "top",
+    },
+    "gattn_det_p2_tokens": {
+        **_DET_BASE,
+        "min_level": 2,
+        "global_modules": [
+            {
+                "block": "global_tokens",
+                "window_size": 4,
+                "num_global_tokens": 8,
+                "ls_init_value": None,
+            }
+        ],
+        "global_at": "top",
+    },
+}
+
+# timm.create_model's own arguments, passed to every entrypoint; a detector takes none of them.
+_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _detector(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``build_detector`` of the recipe's config, updated by ``kwargs`` (``pretrained``: timm's
+    weights for the backbone)."""
+    args = {k: v for k, v in kwargs.items() if k not in _TIMM_ONLY}
+    return build_detector(**{**DET_RECIPES[name], "pretrained": pretrained, **args})
+
+
+@register_model
+def gattn_det_p3(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The local detection baseline: FPN P3-P5 and an FCOS head, no global block."""
+    return _detector("gattn_det_p3", pretrained, kwargs)
+
+
+@register_model
+def gattn_det_p2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """FPN P2-P5 and an FCOS head: the stride-4 level for small objects, no global block."""
+    return _detector("gattn_det_p2", pretrained, kwargs)
+
+
+@register_model
+def gattn_det_p2_ppm_lk(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The article's small-object recipe: P2 + PPM + large-kernel block on P5."""
+    return _detector("gattn_det_p2_ppm_lk", pretrained, kwargs)
+
+
+@register_model
+def gattn_det_p2_tokens(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """P2 + global tokens on P5."""
+    return _detector("gattn_det_p2_tokens", pretrained, kwargs)

@@ -12,8 +12,9 @@ from gattn.budget import (
     measure_peak_memory,
     profiled_peak_memory,
 )
-from gattn.budget.estimate import allocator_peak
+from gattn.budget.estimate import allocator_peak, make_batch, train_step
 from gattn.budget.memory import StoragePeak
+from gattn.models import build_model
 
 NO_LS = {"ls_init_value": None}
 # One of each family and of each kind of block the tune search injects, small enough that the
@@ -61,6 +62,32 @@ CONFIGS = {
         },
         4,
         32,
+    ),
+    "detector P2+ppm,large_kernel@top": (
+        {
+            "task": "det",
+            "recipe": "gattn_det_p2_ppm_lk",
+            "backbone_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 32]},
+            "num_classes": 3,
+            "fpn_channels": 16,
+        },
+        4,
+        64,
+    ),
+    "detector P2+global tokens@all": (
+        {
+            "task": "det",
+            "backbone": "gattn_local_cnn",
+            "backbone_kwargs": {"widths": [8, 16, 16, 32]},
+            "num_classes": 2,
+            "min_level": 2,
+            "fpn_channels": 16,
+            "global_modules": [{"block": "global_tokens", "window_size": 4, **NO_LS}],
+            "global_at": "all",
+            "head_kwargs": {"num_convs": 1},
+        },
+        4,
+        64,
     ),
     "classifier+ppm,se": (
         {"task": "cls", "backbone": "gattn_local_cnn", "num_classes": 2, "inject": "ppm@2,se@2"},
@@ -114,3 +141,26 @@ def test_a_training_step_needs_num_classes() -> None:
     cfg = {"task": "cls", "backbone": "gattn_local_cnn", "num_classes": 0}
     with pytest.raises(ValueError, match="num_classes"):
         estimate_peak_memory(cfg, 2, 32)
+
+
+def test_detector_batches_hold_boxes_and_train() -> None:
+    cfg, batch, size = CONFIGS["detector P2+ppm,large_kernel@top"]
+    images, targets = make_batch(cfg, batch, size, boxes_per_image=5)
+    assert images.shape == (batch, 3, size, size) and len(targets) == batch
+    boxes = targets[0]["boxes"]
+    assert boxes.shape == (5, 4) and (boxes >= 0).all() and (boxes <= size).all()
+    sides = boxes[:, 2:] - boxes[:, :2]
+    assert ((sides >= 4) & (sides <= 16)).all()
+    assert ((targets[0]["labels"] >= 0) & (targets[0]["labels"] < 3)).all()
+    model = build_model({**cfg, "img_size": size})
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert torch.isfinite(train_step(model, optimizer, images, targets))
+    with pytest.raises(ValueError, match="class_weight"):
+        train_step(model, optimizer, images, targets, torch.ones(3))
+
+
+def test_detector_estimate_counts_the_boxes() -> None:
+    cfg, batch, size = CONFIGS["detector P2+global tokens@all"]
+    few = estimate_peak_memory(cfg, batch, size, boxes_per_image=1)
+    many = estimate_peak_memory(cfg, batch, size, boxes_per_image=400)
+    assert many > few + 340 * 400 * 4 * 4  # at least one (locations x boxes x 4) float tensor

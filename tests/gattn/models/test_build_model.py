@@ -109,7 +109,7 @@ def test_segmenter_on_vit_tokens() -> None:
     ("cfg", "message"),
     [
         ({"backbone": "resnet18", "num_classes": 2, "lr": 1}, r"unknown model key\(s\) \['lr'\]"),
-        ({"backbone": "resnet18", "num_classes": 2, "task": "det"}, "valid tasks: cls, seg"),
+        ({"backbone": "resnet18", "num_classes": 2, "task": "pose"}, "valid tasks: cls, seg, det"),
         ({"num_classes": 2}, r"missing key\(s\) \['backbone'\]"),
         ({"backbone": "resnet81", "num_classes": 2}, "did you mean.*'resnet18'.*gattn_local_cnn"),
         (
@@ -141,4 +141,11 @@ def test_config_keys_are_the_builders_keywords() -> None:
         "pretrained",
         "backbone_kwargs",
         "head_kwargs",
+        # detection
+        "recipe",
+        "min_level",
+        "max_level",
+        "fpn_channels",
+        "global_modules",
+        "global_at",
     }
