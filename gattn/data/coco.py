@@ -209,7 +209,7 @@ def coco_dict(
 ) -> dict[str, Any]:
     """A COCO instances file of ``images`` (labels back to ``category_ids``). Annotation ids
     run from 1 in image order (``pycocotools`` takes an id of 0 for "unmatched")."""
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for im in images:
         for (x0, y0, x1, y1), lab in zip(im.boxes.tolist(), im.labels.tolist(), strict=True):
             w, h = x1 - x0, y1 - y0

@@ -293,11 +293,11 @@ def tiny_det_sample(
     cx, cy, side = cue
     image[cy : cy + side, cx : cx + side] = CUE_PALETTE[cue_class]
     boxes = [(x, y, x + w, y + h) for kind, x, y, w, h in items if kind == "ring"]
-    target = {
+    target: dict[str, np.ndarray] = {
         "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
         "labels": np.full(len(boxes), cue_class, np.int64),
     }
-    meta = {
+    meta: dict[str, Any] = {
         "cue_class": int(cue_class),
         "cue_box": [cx, cy, side],
         "distractors": [[k, x, y, x + w, y + h] for k, x, y, w, h in items if k != "ring"],

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pipelines.config import TuneParams, add_params_arguments, load_params
-from pipelines.data import load_tensors, native_size, read_splits
+from pipelines.data import load_tensors, native_size, read_splits, require_supported
 from pipelines.init_weights import InitWeights, resolve_init
 from pipelines.metrics import METRIC
 from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
@@ -47,8 +47,9 @@ def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: i
     """What every trial shares: data tensors (at the data's own size; each trial resizes to
     its resolution), classes, channels, each family's initial weights (:func:`family_inits`;
     ``pretrained``: the pretrain stage's folder, for ``ssl``) and the device."""
-    inits = family_inits(p, pretrained)  # first: a missing file fails before the data loads
     info = read_splits(prepared)
+    require_supported(info, "tune")
+    inits = family_inits(p, pretrained)  # a missing file fails before the data loads
     size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
     train_x, train_y, kind = load_tensors(prepared, "train", p.max_train_samples, size)
     val_x, val_y, _ = load_tensors(prepared, "val", p.max_val_samples, size)
