@@ -91,6 +91,9 @@ def input_errors() -> tuple[type[Exception], ...]:
     datasets = sys.modules.get("gattn.data.datasets")
     if datasets is not None:
         errors.append(datasets.DataLayoutError)
+    coco = sys.modules.get("gattn.data.coco")
+    if coco is not None:
+        errors.append(coco.AnnotationError)  # an invalid COCO file (folder-det)
     return tuple(errors)
 
 

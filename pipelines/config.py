@@ -87,14 +87,20 @@ def validate(model: type[M], data: dict[str, Any], path: Path) -> M:
 # Sections. A stage reads only its own section (plus ``seed`` and ``tracking``).
 
 
-Task = Literal["seg", "cls"]  # what a task's targets are: masks or image labels
+Task = Literal["seg", "cls", "det"]  # what a task's targets are: masks, image labels, boxes
 TASK_KINDS: dict[str, Task] = {
     "cue-seg": "seg",
     "pathfinder": "cls",
+    "tiny-det": "det",
     "folder-cls": "cls",
     "folder-seg": "seg",
+    "folder-det": "det",
     "torchvision-cls": "cls",
 }
+# The tasks of the models that tune, finetune, evaluate and serve handle so far: a detection
+# model (issue 18) is refused by their contracts (pipelines.contracts) until they handle it.
+ModelTask = Literal["seg", "cls"]
+GENERATED = ("cue-seg", "pathfinder", "tiny-det")  # data.task values whose images prepare generates
 # ``torchvision.datasets`` classes with a standard train/test split that ``torchvision-cls``
 # reads: the names of :data:`gattn.data.torchvision_sets.TRAIN_TEST` (a test keeps the two
 # equal), spelt out so that loading params.yaml imports no torch.
@@ -140,23 +146,32 @@ class LargeImagesParams(Section):
 class DataParams(Section):
     """The ``prepare`` stage: which data, how many, how large, how split.
 
-    ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``), your own images:
-    ``folder-cls`` (ImageFolder layout) or ``folder-seg`` (``images/`` + ``masks/``) under
-    ``root`` (a local folder, or ``s3://bucket/prefix`` / ``gs://...``: object storage over
-    fsspec, :func:`pipelines.data.data_path`), or ``torchvision-cls``: the
-    ``torchvision.datasets`` class named ``dataset``
+    ``task`` is a generated benchmark (``cue-seg``, ``pathfinder``, ``tiny-det``), your own
+    images: ``folder-cls`` (ImageFolder layout), ``folder-seg`` (``images/`` + ``masks/``) or
+    ``folder-det`` (``images/`` + COCO ``annotations.json``) under ``root`` (a local folder, or
+    ``s3://bucket/prefix`` / ``gs://...``: object storage over fsspec,
+    :func:`pipelines.data.data_path`), or ``torchvision-cls``: the ``torchvision.datasets``
+    class named ``dataset``
     read from ``root`` in its own layout (``download``: fetch it there if missing), whose test
     part is the test split and whose train part gives the train and ``val_fraction`` val
     splits. ``num_samples`` is the number of generated samples, or for ``torchvision-cls`` at
     most that many images, drawn (seeded) from both parts in their ratio (``null``: all);
     your folders are used whole. ``num_classes`` (folder-seg) is read from the masks when
-    ``null`` (the largest value other than 255, plus one). ``image_size``, ``generator`` and
-    ``large`` shape the generated benchmarks only: other images are used at their size.
+    ``null`` (the largest value other than 255, plus one); folder-det's classes are its COCO
+    categories. ``image_size``, ``generator`` and ``large`` shape the generated benchmarks only:
+    other images are used at their size (tiny-det's objects are 4-16 px whatever the size:
+    128 is its intended size on a CPU, 64 leaves a few objects per image).
     """
 
-    task: Literal["cue-seg", "pathfinder", "folder-cls", "folder-seg", "torchvision-cls"] = (
-        "cue-seg"  # TASK_KINDS
-    )
+    task: Literal[
+        "cue-seg",
+        "pathfinder",
+        "tiny-det",
+        "folder-cls",
+        "folder-seg",
+        "folder-det",
+        "torchvision-cls",
+    ] = "cue-seg"  # TASK_KINDS
     root: str | None = None
     dataset: TorchvisionSet | None = None
     download: bool = False
@@ -173,15 +188,15 @@ class DataParams(Section):
     def _check(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave room for a train split")
-        generated = self.task in ("cue-seg", "pathfinder")
+        generated = self.task in GENERATED
         if not generated and not self.root:
             what = "a torchvision data set" if self.task == "torchvision-cls" else "your images"
             raise ValueError(f"task {self.task!r} reads {what}: set data.root")
         if generated and self.root:
             raise ValueError(
                 f"data.root: task {self.task!r} generates its images and reads no folder; "
-                "set data.task to folder-cls, folder-seg or torchvision-cls to use other "
-                "images (or root: null)"
+                "set data.task to folder-cls, folder-seg, folder-det or torchvision-cls to use "
+                "other images (or root: null)"
             )
         if generated and self.num_samples is None:
             raise ValueError(
@@ -213,14 +228,14 @@ class DataParams(Section):
         if self.num_classes is not None and self.task != "folder-seg":
             raise ValueError(
                 f"data.num_classes: set for folder-seg only (task {self.task!r} knows its "
-                "classes: the generated ones, folder-cls's sub-folders or the data set's); "
-                "use null"
+                "classes: the generated ones, folder-cls's sub-folders, folder-det's COCO "
+                "categories or the data set's); use null"
             )
         return self
 
     @property
     def kind(self) -> Task:
-        """``seg`` or ``cls``: what the task's targets are."""
+        """``seg``, ``cls`` or ``det``: what the task's targets are."""
         return TASK_KINDS[self.task]
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import ParamsError, Section, ServeParams, Task
+from pipelines.config import ModelTask, ParamsError, Section, ServeParams
 
 
 class ContractError(ParamsError):
@@ -123,7 +123,7 @@ class BestFile(Contract):
     """``models/tune/best.json``: the best trained config per budget (``None`` where none
     fits) and the budget the finetune stage trains by default."""
 
-    task: Task
+    task: ModelTask
     measured_on: MeasuredOn = MeasuredOn()
     budgets_gib: list[float]
     per_budget: dict[str, BestEntry | None]
@@ -155,7 +155,7 @@ class ModelMeta(Contract):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    task: Task
+    task: ModelTask
     classes: list[str] = Field(min_length=1)
     img_size: int = Field(ge=1)
     metric: str | None = None

@@ -3,10 +3,11 @@
 The ``prepare`` stage writes ``data/prepared/splits.json`` (which images form the train, val
 and test splits, the classes, where the images live, the task) and, for a generated benchmark,
 the images themselves; a split names an image by its path under the images' root, or for a
-torchvision data set by its key (``train/00042``: its part and index). Every later stage reads
-the data through this module, never through ``prepare``'s code. A split is read as a stream,
-never held: :class:`HeldSplit` names one at a fixed size, and :func:`stream` decodes its
-batches file by file (the tune stage's trials read their own; the finetune stage scores its
+torchvision data set by its key (``train/00042``: its part and index); a detection task also
+gets ``coco/<split>.json``, each split's COCO annotations (:func:`coco_file`). Every later
+stage reads the data through this module, never through ``prepare``'s code. A split is read as
+a stream, never held: :class:`HeldSplit` names one at a fixed size, and :func:`stream` decodes
+its batches file by file (the tune stage's trials read their own; the finetune stage scores its
 model on the search's validation images the same way), so the memory of a process does not
 grow with the data set.
 """
@@ -24,17 +25,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gattn.data import (
+    CocoDetectionDataset,
     ImageFolderDataset,
     SegmentationFolderDataset,
     SyntheticDataset,
     TorchvisionDataset,
     as_path,
 )
-from pipelines.config import Task
-from pipelines.paths import PREPARED, SPLITS_JSON
+from pipelines.config import GENERATED, ParamsError, Task
+from pipelines.paths import COCO_SPLITS, PREPARED, SPLITS_JSON
 
 SPLITS = ("train", "val", "test")
-GENERATED = ("cue-seg", "pathfinder")  # data.task values whose images prepare generates
 
 Sample = tuple[Any, Any]  # (image, target), as the split's transform leaves them
 # The opened images of a split: a sized view of the full data set (what DataLoader and len()
@@ -67,6 +68,25 @@ def data_path(location: str) -> Path:
     return Path(location).resolve()
 
 
+def coco_file(prepared: Path, split: str) -> Path:
+    """A detection split's COCO annotations in a prepared data folder (the images' file
+    names relative to :func:`images_root`'s ``images/`` or to the root itself)."""
+    return Path(prepared) / COCO_SPLITS / f"{split}.json"
+
+
+def require_supported(info: dict[str, Any], stage: str) -> None:
+    """Stop ``stage`` on a task kind it does not handle yet (detection, for now).
+
+    Raises:
+        ParamsError: the prepared data is a detection task.
+    """
+    if info.get("kind") == "det":
+        raise ParamsError(
+            f"data.task {info.get('task')!r}: detection is not yet supported by stage {stage} "
+            "(the prepare stage writes its data); use a segmentation or classification task"
+        )
+
+
 def images_root(prepared: Path, info: dict[str, Any]) -> Path:
     """Where the images of a prepared data set live (inside ``prepared`` when generated, or
     on object storage: :func:`data_path`)."""
@@ -94,16 +114,28 @@ def open_split(
     that side (for a ``transform`` that resizes to it; :class:`gattn.data.ImageFolderDataset`)."""
     prepared = Path(prepared)
     info = read_splits(prepared)
+    det = info["kind"] == "det"
     if large:
         if not info.get("large"):
             raise FileNotFoundError(f"{prepared} has no large images (data.large.num_samples: 0)")
-        large_set = SyntheticDataset(prepared / info["large"], transform=transform, check="none")
+        folder = prepared / info["large"]
+        large_set = (CocoDetectionDataset if det else SyntheticDataset)(
+            folder, transform=transform, check="none"
+        )
         return Subset(large_set, range(len(large_set)))
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     root = images_root(prepared, info)
-    full: SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset | TorchvisionDataset
-    if info["task"] in GENERATED:
+    full: (
+        SyntheticDataset
+        | ImageFolderDataset
+        | SegmentationFolderDataset
+        | TorchvisionDataset
+        | CocoDetectionDataset
+    )
+    if det:
+        full = CocoDetectionDataset(root, transform=transform, check="none")
+    elif info["task"] in GENERATED:
         full = SyntheticDataset(root, transform=transform, check="none")
     elif info["task"] == "torchvision-cls":
         full = TorchvisionDataset(info["dataset"], root, transform=transform)
@@ -130,10 +162,13 @@ def subset(ds: Split, limit: int | None) -> Split:
 
 def data_fingerprint(prepared: Path) -> str:
     """A hash of the prepared data's description: its splits (for a torchvision data set with
-    a hash of its images and labels) and, if generated, its manifest. Part of every Ray run
-    name, so that a run never resumes on other data."""
+    a hash of its images and labels), a detection task's annotations and, if generated, its
+    manifest. Part of every Ray run name, so that a run never resumes on other data."""
     prepared = Path(prepared)
     digest = hashlib.sha256((prepared / SPLITS_JSON).read_bytes())
+    for split in SPLITS:  # your folder-det boxes may change under the same file names
+        if coco_file(prepared, split).is_file():
+            digest.update(coco_file(prepared, split).read_bytes())
     manifest = images_root(prepared, read_splits(prepared)) / "manifest.json"
     if manifest.is_file():
         digest.update(manifest.read_bytes())

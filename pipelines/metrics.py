@@ -25,7 +25,8 @@ from gattn.data.datasets import IGNORE_INDEX
 from gattn.inference.preprocess import resize_input
 from pipelines.config import Task
 
-METRIC: dict[Task, str] = {"seg": "miou", "cls": "accuracy"}  # the selection metric of each task
+# The selection metric of each task (detection: COCO box mAP, gattn.metrics.detection).
+METRIC: dict[Task, str] = {"seg": "miou", "cls": "accuracy", "det": "map"}
 
 
 def task_metrics(task: Task, num_classes: int) -> MetricCollection:

@@ -12,6 +12,7 @@ from pathlib import Path
 # prepare: the data set and its splits; the data report
 PREPARED = Path("data/prepared")
 SPLITS_JSON = "splits.json"  # inside PREPARED: the splits, classes, where the images live
+COCO_SPLITS = "coco"  # inside PREPARED, detection tasks: <split>.json, COCO annotations
 PREPARE_REPORTS = Path("reports/prepare")
 
 # pretrain: the self-supervised encoder

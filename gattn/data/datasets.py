@@ -1,5 +1,5 @@
 """Image data sets on disk: ImageFolder classification, images/ + masks/ segmentation, and the
-generated benchmark (:mod:`gattn.data.synthetic`).
+generated benchmark (:mod:`gattn.data.synthetic`); COCO detection in :mod:`gattn.data.detection`.
 
 Bad files never stop training. At index time every image (and mask) is opened and checked with
 PIL's cheap ``verify()``; at load time a file that still fails to decode, or a mask with the wrong
@@ -99,12 +99,13 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
     """Shared indexing, checking and fault-tolerant loading of (image, target) samples.
 
     Args:
-        samples: ``(image path, class index)`` for ``task="cls"`` or ``(image path, mask path)``
-            for ``task="seg"``.
-        task: ``"cls"`` or ``"seg"``.
+        samples: ``(image path, class index)`` for ``task="cls"``, ``(image path, mask path)``
+            for ``task="seg"``, ``(image path, its annotations)`` for ``task="det"``.
+        task: ``"cls"``, ``"seg"`` or ``"det"``.
         num_classes: number of classes (masks must hold values below it or ``ignore_index``).
-        transform: applied to the image (cls) or jointly to ``(image, mask)`` (seg), both given
-            as ``tv_tensors`` uint8; default: image to float in [0, 1].
+        transform: applied to the image (cls) or jointly to ``(image, target)`` (seg: the mask,
+            det: see :mod:`gattn.data.detection`), as ``tv_tensors`` (images uint8); default:
+            image to float in [0, 1].
         check: ``"verify"`` (PIL verify, cheap), ``"decode"`` (full decode) or ``"none"``.
         mode: PIL mode images are converted to (``"RGB"`` or ``"L"``).
         ignore_index: mask value excluded from the loss.
@@ -118,7 +119,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         self,
         samples: Sequence[tuple[Path, Any]],
         *,
-        task: Literal["cls", "seg"],
+        task: Literal["cls", "seg", "det"],
         num_classes: int,
         transform: Callable[..., Any] | None,
         check: Literal["verify", "decode", "none"],
@@ -152,14 +153,20 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
             size = None
             for path in paths:
                 with open_file(path) as im:
-                    if size is not None:
+                    if size is None:
+                        size = oriented_size(im)
+                        self._check_size(sample, size)
+                    else:
                         _check_mask_header(im, path, size)
-                    size = oriented_size(im)
                     im.verify() if check == "verify" else im.load()
         except _LOAD_ERRORS as err:
             self._skip(sample[0], f"{type(err).__name__}: {err}")
             return False
         return True
+
+    def _check_size(self, sample: tuple[Path, Any], size: tuple[int, int]) -> None:
+        """Raise ValueError when a sample's image (``size``: width, height as shown) does not
+        fit its target; a mask's size is checked with its header."""
 
     def _load_mask(self, path: Path, size: tuple[int, int]) -> np.ndarray:
         with open_file(path) as im:
@@ -178,10 +185,18 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
         image = tv_tensors.Image(
             torch.from_numpy(image.copy()).reshape(*image.shape[:2], -1).permute(2, 0, 1)
         )
+        return image, self._target(sample, image)
+
+    def _target(self, sample: tuple[Path, Any], image: tv_tensors.Image) -> Any:
+        """The target of a loaded sample: its class (cls) or its mask (seg)."""
         if self.task == "cls":
-            return image, int(sample[1])
+            return int(sample[1])
         mask = self._load_mask(sample[1], (image.shape[-1], image.shape[-2]))
-        return image, tv_tensors.Mask(torch.from_numpy(mask))
+        return tv_tensors.Mask(torch.from_numpy(mask))
+
+    def _output(self, image: Any, target: Any) -> tuple[Any, Any]:
+        """A sample as the data set returns it, after the joint transform (seg, det)."""
+        return image, target.as_subclass(torch.Tensor).long()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -203,8 +218,7 @@ class _ImageDataset(Dataset[tuple[Any, Any]]):
             raise RuntimeError(f"all {n} samples failed to load; see dataset.skipped")
         if self.task == "cls":
             return self.transform(image), target
-        image, mask = self.transform(image, target)
-        return image, mask.as_subclass(torch.Tensor).long()
+        return self._output(*self.transform(image, target))
 
 
 class ImageFolderDataset(_ImageDataset):
@@ -362,6 +376,11 @@ class SyntheticDataset(_ImageDataset):
     ) -> None:
         self.root = as_path(root)
         self.manifest = read_manifest(self.root)
+        if self.manifest["kind"] == "det":
+            raise ValueError(
+                f"{self.root} holds a detection data set: open it with "
+                "gattn.data.CocoDetectionDataset"
+            )
         self.classes: list[str] = list(self.manifest["class_names"])
         records = self.manifest["samples"]
         chosen = range(len(records)) if indices is None else indices

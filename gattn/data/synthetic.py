@@ -1,22 +1,28 @@
 """Generated global-context benchmark: deterministic by seed, written as PNG + manifest.
 
-Two tasks that a model with only local context cannot solve:
+Three tasks that a model with only local context cannot solve:
 
 - ``cue-seg`` (segmentation, :mod:`gattn.data.cue_seg`): one coloured cue names every shape.
 - ``pathfinder`` (classification, :mod:`gattn.data.pathfinder`; Linsley et al., NeurIPS 2018;
   Tay et al., "Long Range Arena", ICLR 2021): are the two markers joined by one path.
+- ``tiny-det`` (detection, :mod:`gattn.data.tiny_det`): small look-alike objects among
+  clutter, whose class one distant coloured cue names.
 
 Sample ``i`` of seed ``s`` is drawn from its own ``numpy.random.Generator`` seeded with
 ``(s, i)``, so any sample can be regenerated alone (:func:`synthetic_sample`) and the order of
 generation does not matter. Pathfinder labels come in pairs ``(2p, 2p + 1)`` with one positive
-each, so a data set is balanced 50/50 (exactly, for even ``n``).
+each, so a data set is balanced 50/50 (exactly, for even ``n``). A tiny-det image's cue class
+comes from a stream of its own, ``(s, 2, i)``, apart from its layout's.
 
 On disk (``generate``)::
 
     out_dir/
-      images/000000.png ...     RGB (cue-seg) or greyscale (pathfinder) images
+      images/000000.png ...     RGB (cue-seg, tiny-det) or greyscale (pathfinder) images
       masks/000000.png ...      cue-seg only: uint8 class ids (0 = background)
       labels.csv                pathfinder only: ``image,label``
+      annotations.json          tiny-det only: COCO instances (:mod:`gattn.data.coco`), image
+                                ``i`` has id ``i + 1`` and file_name ``000000.png`` (relative
+                                to ``images/``), category ids 1..K are labels 0..K-1
       manifest.json             task, seed, config, classes, samples, sha256 of every file
 
 Every file is written to a temporary name and moved into place with ``os.replace``; the manifest
@@ -37,10 +43,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from gattn.data.coco import CocoImage, coco_dict
 from gattn.data.cue_seg import CueSegConfig, cue_seg_sample
 from gattn.data.pathfinder import PathfinderConfig, pathfinder_sample
+from gattn.data.tiny_det import TinyDetConfig, tiny_det_sample
 
 __all__ = [
+    "ANNOTATIONS",
     "MANIFEST",
     "TASKS",
     "ManifestError",
@@ -54,16 +63,22 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+ANNOTATIONS = "annotations.json"  # a detection data set's COCO file (folder-det's layout too)
 FORMAT = "gattn.synthetic/1"
-TASKS: dict[str, str] = {"cue-seg": "seg", "pathfinder": "cls"}  # task -> kind
-_CONFIGS = {"cue-seg": CueSegConfig, "pathfinder": PathfinderConfig}
+TASKS: dict[str, str] = {"cue-seg": "seg", "pathfinder": "cls", "tiny-det": "det"}  # -> kind
+Config = CueSegConfig | PathfinderConfig | TinyDetConfig
+_CONFIGS: dict[str, type[Config]] = {
+    "cue-seg": CueSegConfig,
+    "pathfinder": PathfinderConfig,
+    "tiny-det": TinyDetConfig,
+}
 
 
 class ManifestError(ValueError):
     """A generated data set is missing, incomplete or does not match its manifest."""
 
 
-def make_config(task: str, image_size: int = 64, **kw: Any) -> CueSegConfig | PathfinderConfig:
+def make_config(task: str, image_size: int = 64, **kw: Any) -> Config:
     """The validated generator config of ``task``; an unknown task or key is a ValueError."""
     if task not in _CONFIGS:
         raise ValueError(f"unknown synthetic task {task!r}; available: {sorted(_CONFIGS)}")
@@ -81,14 +96,20 @@ def _pair_label(seed: int, index: int) -> int:
     return (index % 2) ^ flip
 
 
+def _cue_class(seed: int, index: int, num_cues: int) -> int:
+    """Cue class of tiny-det sample ``index``, drawn apart from its layout."""
+    return int(np.random.default_rng([seed, 2, index]).integers(num_cues))
+
+
 def synthetic_sample(
     task: str, index: int, seed: int = 0, image_size: int = 64, **kw: Any
-) -> tuple[np.ndarray, np.ndarray | int, dict[str, Any]]:
+) -> tuple[np.ndarray, Any, dict[str, Any]]:
     """Regenerate sample ``index`` of (``task``, ``seed``) alone.
 
     Returns:
-        ``(image, target, meta)``: a uint8 image, a uint8 mask (cue-seg) or an int label
-        (pathfinder), and what the generator knows about the sample.
+        ``(image, target, meta)``: a uint8 image, a uint8 mask (cue-seg), an int label
+        (pathfinder) or ``{"boxes": (N, 4) xyxy, "labels": (N,)}`` arrays (tiny-det), and what
+        the generator knows about the sample.
     """
     cfg = make_config(task, image_size, **kw)
     return _sample(task, cfg, seed, index)
@@ -100,6 +121,8 @@ def _sample(task: str, cfg: Any, seed: int, index: int) -> tuple[np.ndarray, Any
     rng = np.random.default_rng([seed, 0, index])
     if task == "cue-seg":
         return cue_seg_sample(cfg, rng)
+    if task == "tiny-det":
+        return tiny_det_sample(cfg, rng, _cue_class(seed, index, cfg.num_cues))
     return pathfinder_sample(cfg, rng, _pair_label(seed, index))
 
 
@@ -139,12 +162,13 @@ def generate(
     """Generate ``n`` samples of ``task`` into ``out_dir`` and return the manifest.
 
     Args:
-        task: ``"cue-seg"`` or ``"pathfinder"``.
+        task: ``"cue-seg"``, ``"pathfinder"`` or ``"tiny-det"``.
         out_dir: destination folder (created; files of an earlier run are overwritten).
         n: number of samples.
         image_size: image side in pixels.
         seed: data set seed; same seed and options give the same bytes.
-        **kw: the task's config fields (:class:`CueSegConfig`, :class:`PathfinderConfig`).
+        **kw: the task's config fields (:class:`CueSegConfig`, :class:`PathfinderConfig`,
+            :class:`TinyDetConfig`).
     """
     cfg = make_config(task, image_size, **kw)
     if not isinstance(n, (int, np.integer)) or n < 1:
@@ -160,6 +184,7 @@ def generate(
     width = max(6, len(str(n - 1)))
     files: dict[str, str] = {}
     samples: list[dict[str, Any]] = []
+    boxed: list[CocoImage] = []  # tiny-det's annotations
 
     def put(rel: str, data: bytes) -> None:
         atomic_write(root / rel, data)
@@ -172,6 +197,9 @@ def generate(
         if kind == "seg":
             record["mask"] = f"masks/{i:0{width}d}.png"
             put(record["mask"], _png(target))
+        elif kind == "det":
+            name = Path(record["image"]).name
+            boxed.append(CocoImage(i + 1, name, image.shape[1], image.shape[0], **target))
         else:
             record["label"] = int(target)
         samples.append({**record, "meta": meta})
@@ -181,6 +209,9 @@ def generate(
         writer.writerow(["image", "label"])
         writer.writerows([s["image"], s["label"]] for s in samples)
         put("labels.csv", buf.getvalue().encode())
+    if kind == "det":
+        ids = list(range(1, cfg.num_classes + 1))
+        put(ANNOTATIONS, json.dumps(coco_dict(boxed, ids, cfg.class_names)).encode())
     manifest = {
         "format": FORMAT,
         "task": task,

@@ -1,8 +1,10 @@
-"""Training views: multi-scale global + local views, DINO multi-crop, MAE input, joint seg views.
+"""Training views: multi-scale global + local views, DINO multi-crop, MAE input, joint seg and
+detection views.
 
 Thin builders over ``torchvision.transforms.v2``, which already applies one random geometry to
 every tv_tensor of a call and resizes ``tv_tensors.Mask`` with nearest interpolation, so
-segmentation image and mask stay aligned.
+segmentation image and mask stay aligned (and moves ``tv_tensors.BoundingBoxes`` with the
+image: detection boxes are rescaled, cropped and flipped with it).
 
 References:
     Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO multi-crop),
@@ -25,6 +27,7 @@ from torchvision.transforms import InterpolationMode, v2
 __all__ = [
     "MultiCropViews",
     "MultiScaleViews",
+    "det_train_transform",
     "mae_view",
     "seg_eval_transform",
     "seg_train_transform",
@@ -203,6 +206,39 @@ def seg_train_transform(
 def seg_eval_transform(
     size: int | None = None, mean: Floats | None = None, std: Floats | None = None
 ) -> v2.Compose:
-    """Joint evaluation view: optional resize to ``size`` x ``size`` (mask nearest), to float."""
+    """Joint evaluation view of segmentation or detection: optional resize to ``size`` x
+    ``size`` (a mask nearest, boxes rescaled), to float."""
     steps: list[v2.Transform] = [] if size is None else [v2.Resize((size, size))]
     return v2.Compose([*steps, to_float(mean, std)])
+
+
+def det_train_transform(
+    size: int,
+    scale: tuple[float, float] = (1.0, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    mean: Floats | None = None,
+    std: Floats | None = None,
+) -> v2.Compose:
+    """Joint detection training view, called as ``t(image, target)``: a random resized crop of
+    ``scale`` of the area (``(1, 1)``, the default: the whole image resized, so a distant cue
+    stays in view), a horizontal flip (boxes flipped too), to float. Boxes are clipped to the
+    crop, and those left under 1 px wide or high are dropped with their labels."""
+    _check_range("scale", scale)
+    crop: v2.Transform = (
+        v2.Resize((size, size), interpolation=interpolation)
+        if scale == (1.0, 1.0)
+        else v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=interpolation)
+    )
+    steps: list[v2.Transform] = [crop]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(
+        [
+            *steps,
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+            to_float(mean, std),
+        ]
+    )

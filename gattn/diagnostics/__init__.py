@@ -5,6 +5,7 @@ from .grad_cam import grad_cam
 from .plots import (
     colorize_mask,
     confusion_matrix,
+    draw_boxes,
     heatmap,
     overlay_heatmap,
     sample_grid,
@@ -19,6 +20,7 @@ __all__ = [
     "capture_attention",
     "colorize_mask",
     "confusion_matrix",
+    "draw_boxes",
     "effective_receptive_field",
     "grad_cam",
     "heatmap",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from gattn.data.datasets import IGNORE_INDEX  # noqa: E402
 
@@ -43,9 +45,25 @@ def colorize_mask(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndar
     return rgba
 
 
+def draw_boxes(
+    ax: Axes, boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+) -> list[str]:
+    """Outline ``(N, 4)`` xyxy pixel ``boxes`` on ``ax``, label ``k`` (0-based) in colour ``k``;
+    returns the names of the labels drawn, sorted."""
+    for (x0, y0, x1, y1), k in zip(
+        np.asarray(boxes).tolist(), np.asarray(labels).tolist(), strict=True
+    ):
+        colour = _CLASS_COLOURS[int(k) % len(_CLASS_COLOURS)]
+        # pixel (i, j) covers [j - 0.5, j + 0.5] in imshow's coordinates; boxes are pixel edges
+        ax.add_patch(
+            Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=0.8, ec=colour)
+        )
+    return [class_names[int(k)] for k in np.unique(np.asarray(labels))]
+
+
 def sample_grid(
     images: Sequence[np.ndarray],
-    targets: Sequence[np.ndarray | int],
+    targets: Sequence[np.ndarray | int | Mapping[str, np.ndarray]],
     class_names: Sequence[str],
     path: str | os.PathLike[str],
     columns: int = 4,
@@ -55,7 +73,8 @@ def sample_grid(
 
     Args:
         images: ``(H, W, 3)`` or ``(H, W)`` uint8 arrays.
-        targets: per image, an int class (classification) or an ``(H, W)`` mask.
+        targets: per image, an int class (classification), an ``(H, W)`` mask or
+            ``{"boxes": (N, 4) xyxy px, "labels": (N,)}`` (detection: outlined).
         class_names: name of every class id.
         path: PNG to write.
         columns: images per row.
@@ -71,7 +90,10 @@ def sample_grid(
         ax.axis("off")
     for ax, image, target in zip(axes.flat, images, targets, strict=False):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        if isinstance(target, np.ndarray):
+        if isinstance(target, Mapping):
+            present = draw_boxes(ax, target["boxes"], target["labels"], class_names)
+            ax.set_title(", ".join(present) or "no boxes", fontsize=8)
+        elif isinstance(target, np.ndarray):
             ax.imshow(colorize_mask(target))
             present = [class_names[int(k)] for k in np.unique(target) if 0 < k < len(class_names)]
             ax.set_title(", ".join(present) or class_names[0], fontsize=8)

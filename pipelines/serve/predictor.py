@@ -40,7 +40,7 @@ from gattn.diagnostics import attention_rollout, grad_cam, rollout_map
 from gattn.inference import InputTransform, model_input, resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
-from pipelines.config import Task
+from pipelines.config import ModelTask
 
 Sliding = Literal["auto", "on", "off"]
 Method = Literal["auto", "rollout", "grad_cam"]  # of an explanation
@@ -115,7 +115,7 @@ class InputSpec:
     preprocess requests in its own process; only batches of ready tensors reach the model.
     """
 
-    task: Task
+    task: ModelTask
     classes: tuple[str, ...]
     img_size: tuple[int, int]
     in_chans: int

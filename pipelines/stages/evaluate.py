@@ -54,9 +54,9 @@ from gattn.inference import resize_input, sliding_window, tta
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
 from gattn.models.io import CONFIG
-from pipelines.config import EvaluateParams, Task, add_params_arguments, load_params
+from pipelines.config import EvaluateParams, ModelTask, add_params_arguments, load_params
 from pipelines.contracts import MODEL_FIX, ModelMeta, check
-from pipelines.data import Split, open_split, read_splits, subset
+from pipelines.data import Split, open_split, read_splits, require_supported, subset
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
 from pipelines.paths import EVALUATE_REPORTS, FINETUNED, PREPARED
@@ -66,7 +66,7 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def runners(
-    model: nn.Module, task: Task, size: int, p: EvaluateParams, large: bool
+    model: nn.Module, task: ModelTask, size: int, p: EvaluateParams, large: bool
 ) -> dict[str, Runner]:
     """Name -> ``images (B, C, H, W) -> logits`` of every inference mode that applies."""
 
@@ -98,7 +98,9 @@ def runners(
     return modes
 
 
-def with_tta(run: Runner, model: nn.Module, task: Task, size: int, p: EvaluateParams) -> Runner:
+def with_tta(
+    run: Runner, model: nn.Module, task: ModelTask, size: int, p: EvaluateParams
+) -> Runner:
     """``run`` under multi-scale + flip TTA. A fixed-size model at the test resolution sees
     each scaled view through sliding windows of its size (segmentation; padded when smaller)
     or resized to its size (classification)."""
@@ -114,7 +116,7 @@ def with_tta(run: Runner, model: nn.Module, task: Task, size: int, p: EvaluatePa
 
 @torch.no_grad()
 def score_mode(
-    run: Runner, dataset: Split, task: Task, num_classes: int, batch_size: int
+    run: Runner, dataset: Split, task: ModelTask, num_classes: int, batch_size: int
 ) -> dict[str, Any]:
     """Scores of ``run`` over ``dataset``, and its wall time per image.
 
@@ -143,7 +145,7 @@ class _HasFeatures(Protocol):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def feature_map(model: nn.Module, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
+def feature_map(model: nn.Module, task: ModelTask) -> Callable[[torch.Tensor], torch.Tensor]:
     """A ``(B, K, h, w)`` map for the ERF: a segmenter's logits, or a classifier's last
     feature map (tokens laid on their grid, NHWC permuted)."""
     if task == "seg":
@@ -191,6 +193,7 @@ def evaluate(
     """
     from pipelines.registry import resolve_model
 
+    require_supported(read_splits(prepared), "evaluate")
     torch.set_num_threads(p.num_threads)
     folder = resolve_model(model_dir or p.model or FINETUNED)
     model, cfg = load_model(folder)

@@ -75,6 +75,7 @@ from pipelines.data import (
     native_size,
     open_split,
     read_splits,
+    require_supported,
     stream,
     subset,
 )
@@ -460,6 +461,7 @@ def loop_config(
         gattn.models.pretrained.HubUnavailableError: ``init: hub`` offline (not cached).
     """
     info = read_splits(prepared)
+    require_supported(info, "finetune")
     task = "seg" if info["kind"] == "seg" else "cls"
     if entry.model.get("task", "cls") != task:
         raise ParamsError(

@@ -5,9 +5,13 @@ Reads ``seed``, ``tracking`` and ``data`` from params.yaml. Writes
 - ``data/prepared/``: ``dataset/`` (the generated benchmark, when ``data.task`` is one),
   ``large/`` (large generated test images for sliding-window evaluation), ``splits.json``
   (train/val/test image paths, or keys of a torchvision data set, classes, where the images
-  live);
+  live; detection: ``category_ids``, the COCO id of each label), ``coco/<split>.json``
+  (detection: each split's COCO annotations, validated, boxes clipped, crowd boxes dropped);
 - ``reports/prepare/``: ``metrics.json`` (``dvc metrics``), ``class_balance.csv`` and
   ``samples.png`` (``dvc plots``), ``report.json`` (skipped files, sizes).
+
+Class balance is the fraction of samples (classification), pixels (segmentation) or boxes
+(detection) of each class.
 
 Everything is built in a temporary folder and moved into place at the end, so an interrupted
 run never leaves a half-written ``data/prepared`` that looks complete.
@@ -26,11 +30,13 @@ from typing import Any
 import numpy as np
 
 from gattn.data import (
+    CocoDetectionDataset,
     DataLayoutError,
     ImageFolderDataset,
     SegmentationFolderDataset,
     SyntheticDataset,
     TorchvisionDataset,
+    coco_dict,
     generate,
     open_file,
     open_image,
@@ -38,8 +44,8 @@ from gattn.data import (
     to_mode,
 )
 from gattn.diagnostics import sample_grid
-from pipelines.config import Params, Task, add_params_arguments, load_params
-from pipelines.data import GENERATED, SPLITS, data_path, sample_name
+from pipelines.config import GENERATED, Params, Task, add_params_arguments, load_params
+from pipelines.data import SPLITS, coco_file, data_path, sample_name
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARE_REPORTS, PREPARED, SPLITS_JSON
 
@@ -85,7 +91,13 @@ def part_split(
     }
 
 
-FullSet = SyntheticDataset | ImageFolderDataset | SegmentationFolderDataset | TorchvisionDataset
+FullSet = (
+    SyntheticDataset
+    | ImageFolderDataset
+    | SegmentationFolderDataset
+    | TorchvisionDataset
+    | CocoDetectionDataset
+)
 
 
 def _open_torchvision(params: Params, root: Path) -> TorchvisionDataset:
@@ -127,7 +139,8 @@ def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
             f"in {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-        return SyntheticDataset(root), root, manifest["kind"]
+        kind: Task = manifest["kind"]
+        return (CocoDetectionDataset if kind == "det" else SyntheticDataset)(root), root, kind
     if d.root is None:  # DataParams refuses a folder-* task without a root
         raise ValueError(f"data.root: required for data.task {d.task!r}")
     root = data_path(d.root)  # a local folder, or s3:// / gs:// (folder tasks)
@@ -135,6 +148,8 @@ def _index(params: Params, work: Path) -> tuple[FullSet, Path, Task]:
         return _open_torchvision(params, root), root, "cls"
     if d.task == "folder-cls":
         return ImageFolderDataset(root), root, "cls"
+    if d.task == "folder-det":
+        return CocoDetectionDataset(root), root, "det"
     return SegmentationFolderDataset(root, num_classes=d.num_classes), root, "seg"
 
 
@@ -143,19 +158,24 @@ def _class_names(dataset: Any, kind: str) -> list[str]:
     return list(names) if names else [str(k) for k in range(dataset.num_classes)]
 
 
-def _load_target(dataset: Any, i: int) -> np.ndarray | int:
+def _load_target(dataset: Any, i: int) -> np.ndarray | int | dict[str, np.ndarray]:
     target = dataset.samples[i][1]
     if dataset.task == "seg":
         with open_file(target) as m:
             return np.asarray(m)
+    if dataset.task == "det":
+        return {"boxes": target.boxes, "labels": target.labels}
     return int(target)
 
 
 def class_balance(dataset: Any, indices: list[int]) -> list[float]:
-    """Fraction of samples (classification) or of pixels (segmentation) in each class."""
+    """Fraction of samples (classification), of pixels (segmentation) or of boxes (detection)
+    in each class."""
     counts = np.zeros(dataset.num_classes, np.int64)
     for i in indices:
         target = _load_target(dataset, i)
+        if isinstance(target, dict):
+            target = target["labels"]
         if isinstance(target, np.ndarray):
             valid = target[target < dataset.num_classes]
             counts += np.bincount(valid.ravel(), minlength=dataset.num_classes)
@@ -252,12 +272,18 @@ def write_splits(
     """``splits.json`` in the staging folder ``work``: the task, its classes, where the images
     live (relative to the prepared folder when generated into it), each split's image paths
     relative to that root (a torchvision data set's keys), and ``source``'s entries (a
-    torchvision data set's name, image size and content hash)."""
+    torchvision data set's name, image size and content hash); for detection also each
+    label's COCO category id and each split's COCO file (:func:`pipelines.data.coco_file`)."""
 
     def rel(i: int) -> str:
         return sample_name(dataset.samples[i][0], root)
 
     in_work = isinstance(root, Path) and root.is_relative_to(work)
+    if isinstance(dataset, CocoDetectionDataset):
+        source = {**(source or {}), "category_ids": dataset.category_ids}
+        for s in SPLITS:
+            images = [dataset.samples[i][1] for i in splits[s]]
+            write_json(coco_file(work, s), coco_dict(images, dataset.category_ids, names))
     write_json(
         work / SPLITS_JSON,
         {
@@ -311,6 +337,11 @@ def prepare(
         **{f"num_{s}": len(splits[s]) for s in SPLITS},
         "num_large": d.large.num_samples if (work / "large").is_dir() else 0,
     }
+    if isinstance(dataset, CocoDetectionDataset):
+        metrics["num_boxes"] = sum(
+            len(dataset.samples[i][1].labels) for s in SPLITS for i in splits[s]
+        )
+        metrics["num_crowd_dropped"] = dataset.num_crowd
     report: dict[str, Any] = {
         "metrics": metrics,
         "classes": names,

@@ -53,7 +53,14 @@ from gattn.ssl.dino import dino_param_groups, momentum_schedule
 from gattn.ssl.probe import extract_features, image_labels, knn_predict, probe_accuracies
 from gattn.ssl.schedules import warmup_cosine
 from pipelines.config import PretrainParams, add_params_arguments, load_params
-from pipelines.data import Split, data_fingerprint, open_split, read_splits, subset
+from pipelines.data import (
+    Split,
+    data_fingerprint,
+    open_split,
+    read_splits,
+    require_supported,
+    subset,
+)
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
 from pipelines.paths import PREPARED, PRETRAIN_REPORTS, PRETRAINED
 from pipelines.train.loop import (
@@ -430,6 +437,7 @@ def pretrain(
             of this (1-based) epoch; the run must resume from the previous checkpoint.
     """
     prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
+    require_supported(read_splits(prepared), "pretrain")
     storage = Path(p.storage).resolve()
     name = run_name(p, seed, data_fingerprint(prepared))
     cfg = encoder_config(p)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import TASK_KINDS, ParamsError, load_params
+from pipelines.config import GENERATED, TASK_KINDS, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,7 @@ def test_every_default_holds_for_every_task(tmp_path: Path, task: str) -> None:
 
     from pipelines.stages.tune.space import search_space
 
-    root = [] if task in ("cue-seg", "pathfinder") else ["data.root=photos"]
+    root = [] if task in GENERATED else ["data.root=photos"]
     if task == "torchvision-cls":
         root.append("data.dataset=FashionMNIST")
     params = load_params(ROOT / "params.yaml", [f"data.task={task}", *root])
@@ -153,7 +153,7 @@ def test_torchvision_task_and_its_keys_must_fit(tmp_path: Path) -> None:
         r"nothing",
         "data:\n  task: folder-seg\n  root: x\n  generator: {a: 1}\n": r"data\.generator",
         "data:\n  num_samples: null\n": r"data\.num_samples: task 'cue-seg' generates",
-        "data:\n  root: x\n": r"folder-cls, folder-seg or torchvision-cls",
+        "data:\n  root: x\n": r"folder-cls, folder-seg, folder-det or torchvision-cls",
     }
     for text, message in cases.items():
         with pytest.raises(ParamsError, match=message):
@@ -181,3 +181,22 @@ def test_serve_app_args_are_the_serve_sections_request_settings() -> None:
         ours, theirs = AppArgs.model_fields[name], ServeParams.model_fields[name]
         assert ours.annotation == theirs.annotation, name
         assert ours.default == theirs.default and ours.metadata == theirs.metadata, name
+
+
+def test_detection_tasks_and_their_keys_must_fit(tmp_path: Path) -> None:
+    params = load_params(write(tmp_path, "data:\n  task: tiny-det\n  generator: {num_cues: 2}\n"))
+    assert params.data.kind == "det" and params.data.generator == {"num_cues": 2}
+    params = load_params(write(tmp_path, "data:\n  task: folder-det\n  root: photos\n"))
+    assert params.data.kind == "det"
+    cases = {
+        "data:\n  task: folder-det\n": r"task 'folder-det' reads your images: set data\.root",
+        "data:\n  task: tiny-det\n  root: x\n": r"data\.root: task 'tiny-det' generates",
+        "data:\n  task: folder-det\n  root: x\n  num_classes: 2\n": r"data\.num_classes: set "
+        r"for folder-seg only .*folder-det's COCO categories",
+        "data:\n  task: folder-det\n  root: x\n  generator: {num_cues: 2}\n": r"data\.generator",
+        "data:\n  task: tiny-det\n  num_samples: null\n": r"data\.num_samples: task 'tiny-det'",
+        "data:\n  task: tiny-dets\n": r"data\.task: .*'tiny-det'.*'folder-det'",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ParamsError, match=message):
+            load_params(write(tmp_path, text))

@@ -128,3 +128,93 @@ def test_cli_logs_stage_to_mlflow(tmp_path: Path) -> None:
         a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "prepare")
     }
     assert "prepare/samples.png" in artifacts
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_det(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """tiny-det prepared at 32 px (one object per image), one large image."""
+    tmp = tmp_path_factory.mktemp("tiny-det")
+    report = prepare(params(task="tiny-det", num_samples=12), tmp / "prepared", tmp / "reports")
+    return tmp, report
+
+
+def test_prepare_tiny_det(tiny_det: tuple[Path, dict]) -> None:
+    from pycocotools.coco import COCO
+
+    tmp, report = tiny_det
+    out, m = tmp / "prepared", report["metrics"]
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["kind"] == "det" and splits["category_ids"] == [1, 2, 3]
+    assert report["classes"] == splits["classes"] == ["cue_red", "cue_green", "cue_blue"]
+    assert m["num_skipped"] == 0 and m["num_train"] + m["num_val"] + m["num_test"] == 12
+    boxes = 0
+    for split in ("train", "val", "test"):
+        coco = COCO(str(out / "coco" / f"{split}.json"))  # each split's own COCO file
+        images = coco.loadImgs(coco.getImgIds())
+        names = sorted(f"images/{im['file_name']}" for im in images)
+        assert names == sorted(splits[split])
+        assert all((out / splits["root"] / n).is_file() for n in names)
+        anns = coco.loadAnns(coco.getAnnIds())
+        boxes += len(anns)
+        counts = np.bincount([a["category_id"] - 1 for a in anns], minlength=3)
+        np.testing.assert_allclose(report["class_balance"][split], counts / counts.sum())
+        # The split the later stages open holds the same boxes, as labels 0..K-1.
+        opened = open_split(split, out)
+        assert len(opened) == len(images)
+        assert sum(len(t["labels"]) for _, t in opened) == len(anns)
+    assert m["num_boxes"] == boxes >= 12 and m["num_crowd_dropped"] == 0
+    large = open_split("test", out, large=True)
+    image, target = large[0]
+    assert image.shape == (3, 64, 64) and len(target["boxes"]) >= 1
+    assert (tmp / "reports" / "samples.png").stat().st_size > 1000
+
+
+def test_later_stages_refuse_detection(tiny_det: tuple[Path, dict]) -> None:
+    from pipelines.config import EvaluateParams, ParamsError, PretrainParams, TuneParams
+    from pipelines.stages.evaluate import evaluate
+    from pipelines.stages.pretrain import pretrain
+    from pipelines.stages.tune.stage import data_context
+
+    out = tiny_det[0] / "prepared"
+    message = r"data\.task 'tiny-det': detection is not yet supported by stage {}"
+    with pytest.raises(ParamsError, match=message.format("pretrain")):
+        pretrain(PretrainParams(), prepared=out, out_dir=out / "no")
+    with pytest.raises(ParamsError, match=message.format("tune")):
+        data_context(out, None, TuneParams(), 0)
+    with pytest.raises(ParamsError, match=message.format("evaluate")):
+        evaluate(EvaluateParams(), prepared=out, reports_dir=out / "no")
+
+
+def test_prepare_folder_det_counts_corrupt_files(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "photos"
+    images, annotations = [], []
+    for i in range(6):
+        _png(root / "images" / f"{i}.png", 40 * i)
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 16, "height": 16})
+        annotations.append(
+            {"id": i + 1, "image_id": i + 1, "category_id": 10 + i % 2, "bbox": [1, 2, 5, 6]}
+        )
+    (root / "images" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 11, "name": "dog"}, {"id": 10, "name": "cat"}],
+    }
+    (root / "annotations.json").write_text(json.dumps(coco))
+    with pytest.warns(UserWarning, match="skipping"):
+        report = prepare(params(task="folder-det", root=str(root)), tmp_path / "p", tmp_path / "r")
+    assert report["metrics"]["num_samples"] == 5 and report["metrics"]["num_skipped"] == 1
+    assert report["classes"] == ["cat", "dog"] and report["metrics"]["num_boxes"] == 5
+    kept = [im for s in ("train", "val", "test") for im in open_split(s, tmp_path / "p")]
+    assert sorted(t["image_id"] for _, t in kept) == [1, 2, 3, 4, 5]
+    # A bad annotation file stops the command with its entry named, without a traceback.
+    coco["annotations"][0]["bbox"] = [1, 2, -5, 6]
+    (root / "annotations.json").write_text(json.dumps(coco))
+    p = tmp_path / "params.yaml"
+    p.write_text(f"data:\n  task: folder-det\n  root: {root}\n")
+    assert main(["prepare", "--params", str(p), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "annotations[0] (id 1): bbox [1, 2, -5, 6] has width or height <= 0" in err

@@ -18,7 +18,14 @@ from typing import Any, cast
 import torch
 
 from pipelines.config import TuneParams, add_params_arguments, load_params
-from pipelines.data import HeldSplit, held_split, native_size, read_splits, stream
+from pipelines.data import (
+    HeldSplit,
+    held_split,
+    native_size,
+    read_splits,
+    require_supported,
+    stream,
+)
 from pipelines.init_weights import InitWeights, resolve_init
 from pipelines.metrics import METRIC, class_counts, class_weights
 from pipelines.paths import PREPARED, PRETRAINED, TUNE_REPORTS, TUNED
@@ -65,8 +72,9 @@ def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: i
     classes, channels, the class weights (one streamed pass over the training split), each
     family's initial weights (:func:`family_inits`; ``pretrained``: the pretrain stage's
     folder, for ``ssl``) and the device. Nothing here grows with the data set."""
-    inits = family_inits(p, pretrained)  # first: a missing file fails before the data loads
     info = read_splits(prepared)
+    require_supported(info, "tune")
+    inits = family_inits(p, pretrained)  # a missing file fails before the data loads
     num_classes = len(info["classes"])
     size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
     train = held_split(prepared, "train", p.max_train_samples, size)
