@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,7 @@ def ray_data_batches(prepared: Path, n: int, size: int) -> Iterator[dict[str, to
     files = [str(root / name) for name in info["train"][:n]]
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_images(files, include_paths=True, mode="RGB")
-    ds = ds.map_batches(
-        resized, fn_kwargs={"size": size, "classes": info["classes"]}, batch_format="numpy"
-    )
+    ds = ds.map_batches(partial(resized, size=size, classes=info["classes"]), batch_format="numpy")
     return iter(ds.iter_torch_batches(batch_size=BATCH))
 
 

@@ -1,6 +1,7 @@
 """Do the workers on every node of a cluster read the data? A two-node Ray run, simulated.
 
-Usage: ``python benchmarks/two_nodes.py [--images 128] [--out two_nodes]``
+Usage: ``python benchmarks/two_nodes.py [--images 128] [--out two_nodes]`` (the ``dev`` extra:
+moto, s3fs, universal_pathlib)
 
 Starts, on this machine, a Ray cluster of two nodes (``ray.cluster_utils.Cluster``: a head
 and a worker raylet, each with its own processes, object store and 1 CPU, on 127.0.0.1 at free
