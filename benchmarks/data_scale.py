@@ -142,8 +142,9 @@ def _finetune_epoch(params: Any, prepared: Path) -> dict[str, Any]:
     return {"images_read": sum(len(b[0]) for b in loader)}
 
 
-def run_size(n: int, work: Path, workers: int) -> list[dict[str, Any]]:
-    """Write, prepare and measure the data set of ``n`` photos."""
+def photo_set(n: int, work: Path) -> tuple[Path, Path, float]:
+    """The data set of ``n`` photos under ``work``, written and prepared once: its photos'
+    folder, its prepared folder, and the seconds the writing took (next to none when kept)."""
     from pipelines.config import load_params
     from pipelines.stages.prepare import prepare
 
@@ -154,6 +155,12 @@ def run_size(n: int, work: Path, workers: int) -> list[dict[str, Any]]:
     if not (prepared / "splits.json").is_file():
         overrides = ["data.task=folder-cls", f"data.root={photos}", "data.grid_samples=4"]
         prepare(load_params(ROOT / "params.yaml", overrides), prepared, work / f"reports_{n}")
+    return photos, prepared, written
+
+
+def run_size(n: int, work: Path, workers: int) -> list[dict[str, Any]]:
+    """Write, prepare and measure the data set of ``n`` photos."""
+    photos, prepared, written = photo_set(n, work)
     base = {"images": n, "disk_mib": disk_mib(photos), "write_s": written}
     rows = []
     for kind in MEASURES:
