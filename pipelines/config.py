@@ -97,9 +97,8 @@ TASK_KINDS: dict[str, Task] = {
     "folder-det": "det",
     "torchvision-cls": "cls",
 }
-# The tasks of the models that tune, finetune, evaluate and serve handle so far: a detection
-# model (issue 18) is refused by their contracts (pipelines.contracts) until they handle it.
-ModelTask = Literal["seg", "cls"]
+# The tasks of the models that tune, finetune, evaluate and serve handle (model contracts).
+ModelTask = Literal["seg", "cls", "det"]
 GENERATED = ("cue-seg", "pathfinder", "tiny-det")  # data.task values whose images prepare generates
 # ``torchvision.datasets`` classes with a standard train/test split that ``torchvision-cls``
 # reads: the names of :data:`gattn.data.torchvision_sets.TRAIN_TEST` (a test keeps the two

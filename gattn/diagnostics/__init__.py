@@ -1,5 +1,6 @@
 """Diagnostics: what a model looks at and how far it sees, as numbers and pictures."""
 
+from .detection import DetectionScores, FinestClassMap, top_class
 from .erf import ReceptiveField, area_ratios, effective_receptive_field
 from .grad_cam import grad_cam
 from .plots import (
@@ -14,6 +15,8 @@ from .plots import (
 from .rollout import attention_rollout, capture_attention, rollout, rollout_map
 
 __all__ = [
+    "DetectionScores",
+    "FinestClassMap",
     "ReceptiveField",
     "area_ratios",
     "attention_rollout",
@@ -29,4 +32,5 @@ __all__ = [
     "rollout_map",
     "sample_grid",
     "save_figure",
+    "top_class",
 ]

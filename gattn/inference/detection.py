@@ -22,18 +22,21 @@ localise better and is not implemented.
 
 The model is any module with ``predict(images, *, score_thresh, nms_iou, max_det,
 global_context=None) -> list[{"boxes", "scores", "labels"}]`` (a
-:class:`~gattn.models.detector.Detector`); put it in eval mode first.
+:class:`~gattn.models.detector.Detector`); put it in eval mode first. :func:`resized_detect`
+runs one on an image resized to its input size (boxes scaled back), and :class:`BoxRunner`
+makes any of these procedures such a model again, so that TTA can wrap a sliding window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import torch
 
 from gattn.models.fcos import Target, merge_detections
 
+from .preprocess import resize_input
 from .sliding_window import Size, _pair, resolve_context, window_batch, window_grid
 from .tta import resize, scaled_size
 
@@ -52,6 +55,67 @@ class BoxPredictor(Protocol):
         max_det: int = ...,
         global_context: torch.Tensor | None = ...,
     ) -> list[Target]: ...
+
+
+class BoxRunner:
+    """A box-inference procedure (:func:`resized_detect`, :func:`sliding_window_detect`, ...
+    with its model bound) as a :class:`BoxPredictor`, so that :func:`tta_detect` can wrap it.
+
+    Args:
+        run: Called as ``run(images, score_thresh=..., nms_iou=..., max_det=...)``.
+    """
+
+    def __init__(self, run: Callable[..., list[Target]]) -> None:
+        self.run = run
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        *,
+        score_thresh: float = 0.05,
+        nms_iou: float = 0.6,
+        max_det: int = 100,
+        global_context: torch.Tensor | None = None,
+    ) -> list[Target]:
+        """``run``'s detections (see :meth:`gattn.models.detector.Detector.predict`).
+
+        Raises:
+            ValueError: a ``global_context`` is given (bind it to the procedure instead).
+        """
+        if global_context is not None:
+            raise ValueError("BoxRunner takes no global_context; bind it to the procedure")
+        return self.run(images, score_thresh=score_thresh, nms_iou=nms_iou, max_det=max_det)
+
+
+@torch.no_grad()
+def resized_detect(
+    model: BoxPredictor,
+    image: torch.Tensor,
+    size: Size,
+    *,
+    score_thresh: float = 0.05,
+    nms_iou: float = 0.6,
+    max_det: int = 100,
+) -> list[Target]:
+    """Detections of ``model`` on ``image`` resized to ``size``
+    (:func:`~gattn.inference.preprocess.resize_input`, as training and serving resize), boxes
+    scaled back to ``image``'s pixels (a plain call when it has that size already).
+
+    Args:
+        model: A detector (see the module docstring), in eval mode.
+        image: Images ``(B, C, H, W)``.
+        size: Input size ``(h, w)`` or an int.
+        score_thresh, nms_iou, max_det: As in ``predict``.
+    """
+    h, w = _pair(size)
+    H, W = image.shape[-2], image.shape[-1]
+    results = model.predict(
+        resize_input(image, (h, w)), score_thresh=score_thresh, nms_iou=nms_iou, max_det=max_det
+    )
+    if (h, w) == (H, W):
+        return results
+    scale = image.new_tensor([W / w, H / h, W / w, H / h])
+    return [{**r, "boxes": r["boxes"] * scale} for r in results]
 
 
 def cut_by_window(

@@ -17,9 +17,16 @@ resized to the model's input size. Segmenters see
   input grid (a timm ``PatchEmbed``: ViT, Swin), the image resized to the input size and the
   logits resized back.
 
-Test-time augmentation (:func:`gattn.inference.tta`) wraps any of these. Explanations are
-attention rollout (Abnar & Zuidema 2020) for models with attention layers, else Grad-CAM
-(Selvaraju et al. 2017) on the backbone's last feature map.
+Detectors are run the same way, on boxes: sliding windows
+(:func:`gattn.inference.sliding_window_detect`, windows' boxes merged by NMS, global-context
+feedback), the whole image, or the image resized (:func:`gattn.inference.resized_detect`);
+their boxes are in the image's pixels.
+
+Test-time augmentation (:func:`gattn.inference.tta`, :func:`gattn.inference.tta_detect` for
+boxes) wraps any of these. Explanations are attention rollout (Abnar & Zuidema 2020) for
+models with attention layers, else Grad-CAM (Selvaraju et al. 2017) on the backbone's last
+feature map; for a detector, Grad-CAM of its top detection's class logit at that detection's
+location (:class:`gattn.diagnostics.DetectionScores`).
 """
 
 from __future__ import annotations
@@ -36,15 +43,36 @@ from PIL import Image
 from timm.layers import PatchEmbed
 from torch import nn
 
-from gattn.diagnostics import attention_rollout, grad_cam, rollout_map
-from gattn.inference import InputTransform, model_input, resize_input, sliding_window, tta
+from gattn.diagnostics import (
+    DetectionScores,
+    attention_rollout,
+    grad_cam,
+    rollout_map,
+    top_class,
+)
+from gattn.inference import (
+    BoxRunner,
+    InputTransform,
+    model_input,
+    resize_input,
+    resized_detect,
+    sliding_window,
+    sliding_window_detect,
+    tta,
+    tta_detect,
+)
+from gattn.inference.detection import BoxPredictor
 from gattn.inference.tta import resize as resize_output
 from gattn.models import load_model
+from gattn.models.detector import Detector
+from gattn.models.fcos import Target
 from pipelines.config import ModelTask
 
 Sliding = Literal["auto", "on", "off"]
 Method = Literal["auto", "rollout", "grad_cam"]  # of an explanation
 Runner = Callable[[torch.Tensor], torch.Tensor]
+Boxes = dict[str, np.ndarray]  # one image's detections: boxes (n, 4) xyxy px, scores, labels
+Result = np.ndarray | Boxes | Exception  # of one job (see Predictor.run)
 WINDOW_BATCH = 16  # sliding windows per forward pass
 
 
@@ -120,7 +148,7 @@ class InputSpec:
     img_size: tuple[int, int]
     in_chans: int
     fixed: bool  # needs inputs of img_size (a patch grid): ViT, Swin
-    feedback: bool  # its decode head takes global-context feedback (sliding windows)
+    feedback: bool  # its decode head (a detector: itself) takes global-context feedback
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -156,7 +184,7 @@ class InputSpec:
             img_size=(int(size), int(size)),
             in_chans=in_chans,
             fixed=fixed_input_size(model),
-            feedback=getattr(head, "context_proj", None) is not None,
+            feedback=any(getattr(m, "context_proj", None) is not None for m in (head, model)),
             mean=tuple(mean) if mean is not None else None,
             std=tuple(std) if std is not None else None,
         )
@@ -184,8 +212,8 @@ class InputSpec:
     def preprocess(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
         """A decoded image (in :attr:`mode`) as the float tensor ``(C, H, W)`` the model takes
         (:func:`gattn.inference.model_input`): a classifier's at :attr:`img_size`, a
-        segmenter's at the image's own size (sliding windows, or a resize for fixed-size
-        models, are chosen per request by :class:`Predictor`)."""
+        segmenter's or detector's at the image's own size (sliding windows, or a resize for
+        fixed-size models, are chosen per request by :class:`Predictor`)."""
         size = self.img_size if self.task == "cls" else None
         return model_input(image, size, self.mean, self.std)
 
@@ -196,7 +224,8 @@ class InputSpec:
         return InputTransform(self.img_size if resize else None, self.mean, self.std)
 
     def use_sliding(self, size: tuple[int, int], options: Options) -> bool:
-        """Whether a segmentation of an image of ``size`` runs on sliding windows."""
+        """Whether a segmentation or detection of an image of ``size`` runs on sliding
+        windows."""
         if options.sliding == "on":
             return True
         large = size[0] > self.img_size[0] or size[1] > self.img_size[1]
@@ -260,26 +289,72 @@ class Predictor:
             return tta(runner, images, self.tta_scales, flip=True, task=self.spec.task)
         return runner(images).float().softmax(dim=1)
 
-    def run(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
-        """Results of a batch of jobs, in order: ``(K,)`` probabilities (cls) or an ``(H, W)``
-        class-id mask (seg) per job, or the exception its group raised (so one bad group does
-        not fail the others).
+    @property
+    def detector(self) -> Detector:
+        """The model, a detector.
+
+        Raises:
+            TypeError: the model is not a :class:`~gattn.models.detector.Detector`.
+        """
+        if not isinstance(self.model, Detector):
+            raise TypeError(f"{type(self.model).__name__} is not a detector")
+        return self.model
+
+    def _box_runner(self, size: tuple[int, int], options: Options) -> BoxPredictor:
+        """How a detector sees images of ``size``: sliding windows (with global feedback when
+        it takes it), the image resized to the input size (fixed-size models) or itself."""
+        if self.spec.use_sliding(size, options):
+            return BoxRunner(
+                functools.partial(
+                    sliding_window_detect,
+                    self.model,
+                    window=self.spec.img_size,
+                    overlap=self.overlap,
+                    batch_size=WINDOW_BATCH,
+                    global_context="auto" if self.spec.feedback else None,
+                )
+            )
+        if self.spec.fixed:
+            return BoxRunner(functools.partial(resized_detect, self.model, size=self.spec.img_size))
+        return self.detector
+
+    @torch.inference_mode()
+    def detections(self, images: torch.Tensor, options: Options) -> list[Target]:
+        """A detector's boxes of same-sized images ``(B, C, H, W)``, per image ``{"boxes": (n,
+        4) xyxy image pixels, "scores", "labels"}`` by score (the model's ``predict`` defaults:
+        scores from 0.05, at most 100 boxes)."""
+        images = images.to(self.device)
+        runner = self._box_runner((images.shape[-2], images.shape[-1]), options)
+        if options.tta:
+            tta_run = functools.partial(tta_detect, runner, scales=self.tta_scales, flip=True)
+            runner = BoxRunner(tta_run)
+        return runner.predict(images)
+
+    def _results(self, images: torch.Tensor, options: Options) -> list[np.ndarray | Boxes]:
+        """One group's results (see :meth:`run`)."""
+        if self.spec.task == "det":
+            return [
+                {k: v.cpu().numpy() for k, v in found.items()}
+                for found in self.detections(images, options)
+            ]
+        probs = self.probabilities(images, options)
+        return list(probs.cpu().numpy() if self.spec.task == "cls" else probs.argmax(1).cpu().numpy())
+
+    def run(self, jobs: Sequence[Job]) -> list[Result]:
+        """Results of a batch of jobs, in order: ``(K,)`` probabilities (cls), an ``(H, W)``
+        class-id mask (seg) or the boxes (det: :data:`Boxes`, image pixels) per job, or the
+        exception its group raised (so one bad group does not fail the others).
 
         Jobs with equal image shape and options run as one forward pass.
         """
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((tuple(job.image.shape), job.options), []).append(i)
-        results: list[np.ndarray | Exception] = [RuntimeError("not run")] * len(jobs)
+        results: list[Result] = [RuntimeError("not run")] * len(jobs)
         for (_, options), members in groups.items():
             try:
                 images = torch.stack([as_tensor(jobs[i].image) for i in members])
-                probs = self.probabilities(images, options)
-                out = (
-                    probs.cpu().numpy()
-                    if self.spec.task == "cls"
-                    else probs.argmax(1).cpu().numpy()
-                )
+                out = self._results(images, options)
                 for i, row in zip(members, out, strict=True):
                     results[i] = row
             except Exception as err:  # reported to the requests of this group only
@@ -287,10 +362,13 @@ class Predictor:
                     results[i] = err
         return results
 
-    def default_target(self, probs: torch.Tensor) -> int:
-        """The class to explain when none is asked for, from one image's probabilities: the
-        predicted class (cls), or the largest predicted foreground class (seg; background 0
-        when no pixel is foreground)."""
+    def default_target(self, x: torch.Tensor) -> int:
+        """The class to explain when none is asked for, for one image ``(1, C, H, W)``: the
+        predicted class (cls), the largest predicted foreground class (seg; background 0 when
+        no pixel is foreground), or the top detection's class (det)."""
+        if self.spec.task == "det":
+            return top_class(self.detector, x)
+        probs = self.probabilities(x, Options(sliding="off"))[0]
         if self.spec.task == "cls":
             return int(probs.argmax())
         counts = torch.bincount(probs.argmax(0).flatten(), minlength=self.spec.num_classes)
@@ -320,7 +398,9 @@ class Predictor:
             image: Preprocessed image ``(C, H, W)`` (a tensor or a numpy array).
             method: ``"rollout"`` (transformers: one token grid through all layers),
                 ``"grad_cam"``, or ``"auto"``: rollout where it applies, else Grad-CAM.
-            target: Class to explain (Grad-CAM); default :meth:`default_target`.
+            target: Class to explain (Grad-CAM); default :meth:`default_target`. For a
+                detector, the score explained is the class's logit at its top detection's
+                location (:class:`gattn.diagnostics.DetectionScores`).
 
         Returns:
             ``(method used, map (h, w) at any resolution, target class)``.
@@ -334,17 +414,21 @@ class Predictor:
         if self.spec.task == "cls" or self.spec.fixed:
             x = resize_input(x, self.spec.img_size)
         if target is None:
-            target = self.default_target(self.probabilities(x, Options(sliding="off"))[0])
+            target = self.default_target(x)
         if not 0 <= target < self.spec.num_classes:
             raise ValueError(f"target {target} is not a class id in [0, {self.spec.num_classes})")
-        if method != "grad_cam" and has_attention(self.model) and self.spec.fixed:
+        rollout = self.spec.task != "det" and has_attention(self.model) and self.spec.fixed
+        if method != "grad_cam" and rollout:
             try:
                 return "rollout", self._rollout(x).float().cpu().numpy(), target
             except ValueError:  # e.g. window attention: token counts differ between layers
                 if method == "rollout":
                     raise
         elif method == "rollout":
-            raise ValueError("rollout needs a transformer with a patch grid; use grad_cam")
+            raise ValueError(
+                "rollout needs a transformer with a patch grid (not a detector); use grad_cam"
+            )
         layer, layout = cam_layer(self.model)
-        heat = grad_cam(self.model, x, layer, target, layout=layout)[0]
+        scores = DetectionScores(self.detector) if self.spec.task == "det" else self.model
+        heat = grad_cam(scores, x, self.model.get_submodule(layer), target, layout=layout)[0]
         return "grad_cam", heat.float().cpu().numpy(), target

@@ -17,16 +17,28 @@ Images reach the model as the served model's do:
 :func:`gattn.inference.resize_input` are the serving app's preprocessing (floats, the model's
 ``mean``/``std``, antialiased bilinear resizing).
 
+Detectors are scored on boxes in each image's own pixels (so that COCO's "small" is
+COCO's): the test images at their own size, run at ``img_size`` (``plain``:
+:func:`gattn.inference.resized_detect`, boxes scaled back), and the large images in the same
+modes as a segmenter (``resize``, ``whole``, ``sliding`` and ``sliding_global``:
+:func:`gattn.inference.sliding_window_detect`), each also under
+:func:`gattn.inference.tta_detect` (boxes flipped and rescaled back, merged by NMS).
+
 Scores (torchmetrics): accuracy (of pixels for segmentation), mIoU, per-class IoU, the
-confusion matrix; wall time per image (median, after a warm-up); and the
-effective receptive field of the model (Luo et al. 2016): the shares of the input area
-holding 20/50/99% of the centre output's gradient, this project's "how global" number.
+confusion matrix; for detection COCO box AP (:func:`gattn.metrics.score_detections`,
+faster-coco-eval): mAP, AP50, AP75, AP_small, AP_medium, AP_large, AR@100 and AP per class;
+wall time per image (median, after a warm-up); and the effective receptive field of the
+model (Luo et al. 2016): the shares of the input area holding 20/50/99% of the centre
+output's gradient, this project's "how global" number (a detector's: of its finest level's
+class logits, :class:`gattn.diagnostics.FinestClassMap`).
 
 Reads ``evaluate`` (and ``tracking``) from params.yaml, ``models/finetuned/`` (or
 ``evaluate.model``: a registry URI or a folder) and ``data/prepared/``. Writes
 ``reports/evaluate/``: ``metrics.json`` (``dvc metrics``), ``results.csv`` and
 ``per_class_iou.csv`` (``dvc plots``), ``confusion_test.png``, ``confusion_large.png``,
-``erf.png``; all logged to MLflow.
+``erf.png``; for detection ``per_class_ap.csv`` and ``detections.png`` (annotated and
+predicted boxes on a few test images) instead of the per-class IoU (a header only) and the
+confusion matrices (a note each); all logged to MLflow.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import functools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -44,25 +56,52 @@ import torch
 from torch import nn
 
 from gattn.diagnostics import (
+    FinestClassMap,
     confusion_matrix,
     effective_receptive_field,
     heatmap,
+    sample_grid,
     save_figure,
 )
 from gattn.diagnostics.grad_cam import to_nchw
-from gattn.inference import resize_input, sliding_window, tta
+from gattn.inference import (
+    BoxRunner,
+    resize_input,
+    resized_detect,
+    sliding_window,
+    sliding_window_detect,
+    tta,
+    tta_detect,
+)
+from gattn.inference.detection import BoxPredictor
 from gattn.inference.tta import resize as resize_output
+from gattn.metrics.detection import detection_metric, summarise_detection
 from gattn.models import load_model
+from gattn.models.detector import Detector
 from gattn.models.io import CONFIG
 from pipelines.config import EvaluateParams, ModelTask, add_params_arguments, load_params
 from pipelines.contracts import MODEL_FIX, ModelMeta, check
-from pipelines.data import Split, open_split, read_splits, require_supported, subset
+from pipelines.data import Sample, Split, open_split, read_splits, subset
 from pipelines.io import write_csv, write_json
 from pipelines.metrics import summarise, task_metrics
 from pipelines.paths import EVALUATE_REPORTS, FINETUNED, PREPARED
 from pipelines.serve.predictor import InputSpec, fixed_input_size
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
+# The figures of each task that metrics.json, results.csv and the log show.
+SHOWN: dict[ModelTask, tuple[str, ...]] = {
+    "seg": ("accuracy", "miou"),
+    "cls": ("accuracy", "miou"),
+    "det": ("map", "map_50", "map_small", "map_medium"),
+}
+DRAWN_IMAGES = 4  # test images in detections.png
+DRAWN_SCORE = 0.3  # predicted boxes drawn from this score
+
+
+class Scorer(Protocol):
+    """Scores of one inference mode over a data set, ``batch_size`` images a call."""
+
+    def __call__(self, dataset: Split, *, batch_size: int) -> dict[str, Any]: ...
 
 
 def runners(
@@ -114,28 +153,111 @@ def with_tta(
     return functools.partial(tta, run, scales=p.tta_scales, flip=p.tta_flip, task=task)
 
 
+def box_runners(
+    model: Detector, size: int, p: EvaluateParams, large: bool
+) -> dict[str, BoxPredictor]:
+    """Name -> box inference of every mode that applies to a detector (the module docstring):
+    each a ``predict(images)`` whose boxes are in the images' own pixels."""
+
+    def windows(context: Literal["auto"] | None) -> BoxPredictor:
+        return BoxRunner(
+            functools.partial(
+                sliding_window_detect,
+                model,
+                window=size,
+                overlap=round(p.overlap * size),
+                batch_size=p.window_batch_size,
+                global_context=context,
+            )
+        )
+
+    shrunk = BoxRunner(functools.partial(resized_detect, model, size=size))
+    if not large:
+        return {"plain": shrunk}
+    modes: dict[str, BoxPredictor] = {"resize": shrunk}
+    if not fixed_input_size(model):
+        modes["whole"] = model
+    modes["sliding"] = windows(None)
+    modes["sliding_global"] = windows("auto")
+    return modes
+
+
+def chunks(dataset: Split, batch_size: int) -> Iterator[list[Sample]]:
+    """``dataset``'s samples in order, up to ``batch_size`` at a time, each chunk of one
+    image size (a new chunk starts where the size changes)."""
+    chunk: list[Sample] = []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if chunk and (len(chunk) == batch_size or sample[0].shape != chunk[0][0].shape):
+            yield chunk
+            chunk = []
+        chunk.append(sample)
+    if chunk:
+        yield chunk
+
+
+def timed(
+    run: Callable[[torch.Tensor], Any], dataset: Split, batch_size: int, per_image: list[float]
+) -> Iterator[tuple[Any, list[Any]]]:
+    """``(run(images), targets)`` over ``dataset`` (:func:`chunks`); after one untimed
+    warm-up call on the first image, every call is timed and its time per image appended to
+    ``per_image``."""
+    run(dataset[0][0][None])
+    for chunk in chunks(dataset, batch_size):
+        images = torch.stack([x for x, _ in chunk])
+        t0 = time.perf_counter()
+        out = run(images)
+        per_image.append((time.perf_counter() - t0) / len(chunk))
+        yield out, [t for _, t in chunk]
+
+
 @torch.no_grad()
 def score_mode(
     run: Runner, dataset: Split, task: ModelTask, num_classes: int, batch_size: int
 ) -> dict[str, Any]:
     """Scores of ``run`` over ``dataset``, and its wall time per image.
 
-    Images run ``batch_size`` at a time (1 for latency proper); after one untimed warm-up
-    call on the first image, every call is timed and ``ms_per_image`` is the median of
-    call time / images in the call.
+    Images run ``batch_size`` at a time (1 for latency proper); ``ms_per_image`` is the
+    median of call time / images in the call (:func:`timed`).
     """
     metrics = task_metrics(task, num_classes)
-    run(dataset[0][0][None])
-    per_image = []
-    for start in range(0, len(dataset), batch_size):
-        chunk = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images = torch.stack([x for x, _ in chunk])
-        targets = torch.stack([torch.as_tensor(t) for _, t in chunk])
-        t0 = time.perf_counter()
-        logits = run(images)
-        per_image.append((time.perf_counter() - t0) / len(chunk))
-        metrics.update(logits.argmax(1), targets)
+    per_image: list[float] = []
+    for logits, targets in timed(run, dataset, batch_size, per_image):
+        metrics.update(logits.argmax(1), torch.stack([torch.as_tensor(t) for t in targets]))
     return {**summarise(metrics.compute()), "ms_per_image": 1000 * statistics.median(per_image)}
+
+
+@torch.no_grad()
+def score_boxes(
+    run: BoxPredictor, dataset: Split, num_classes: int, batch_size: int
+) -> dict[str, Any]:
+    """COCO box AP of ``run``'s detections over ``dataset`` (per class too:
+    :func:`gattn.metrics.detection.summarise_detection`), and its wall time per image (as
+    :func:`score_mode`)."""
+    metric = detection_metric(class_metrics=True)
+    per_image: list[float] = []
+    for found, targets in timed(run.predict, dataset, batch_size, per_image):
+        metric.update(found, targets)
+    out = summarise_detection(metric.compute(), num_classes)
+    return {**out, "ms_per_image": 1000 * statistics.median(per_image)}
+
+
+def scorers(model: nn.Module, meta: ModelMeta, p: EvaluateParams, large: bool) -> dict[str, Scorer]:
+    """``"<mode>[_tta]"`` -> the scorer of every inference mode that applies to the model on
+    the test set (``large=False``) or the large images, without and with TTA."""
+    task, size, k = meta.task, meta.img_size, len(meta.classes)
+    out: dict[str, Scorer] = {}
+    if isinstance(model, Detector):
+        for mode, boxes in box_runners(model, size, p, large).items():
+            tta_run = functools.partial(tta_detect, boxes, scales=p.tta_scales, flip=p.tta_flip)
+            out[mode] = functools.partial(score_boxes, boxes, num_classes=k)
+            out[f"{mode}_tta"] = functools.partial(score_boxes, BoxRunner(tta_run), num_classes=k)
+        return out
+    for mode, run in runners(model, task, size, p, large).items():
+        augmented = with_tta(run, model, task, size, p)
+        out[mode] = functools.partial(score_mode, run, task=task, num_classes=k)
+        out[f"{mode}_tta"] = functools.partial(score_mode, augmented, task=task, num_classes=k)
+    return out
 
 
 @runtime_checkable
@@ -146,10 +268,12 @@ class _HasFeatures(Protocol):
 
 
 def feature_map(model: nn.Module, task: ModelTask) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``(B, K, h, w)`` map for the ERF: a segmenter's logits, or a classifier's last
-    feature map (tokens laid on their grid, NHWC permuted)."""
+    """A ``(B, K, h, w)`` map for the ERF: a segmenter's logits, a detector's finest class
+    logits, or a classifier's last feature map (tokens laid on their grid, NHWC permuted)."""
     if task == "seg":
         return model
+    if isinstance(model, Detector):
+        return FinestClassMap(model)
 
     def features(x: torch.Tensor) -> torch.Tensor:
         if not isinstance(model, _HasFeatures):
@@ -166,10 +290,11 @@ def feature_map(model: nn.Module, task: ModelTask) -> Callable[[torch.Tensor], t
 
 def open_sets(spec: InputSpec, prepared: Path, max_samples: int | None) -> dict[str, Split]:
     """The scored sets, samples already model inputs (the serving app's preprocessing):
-    ``test`` (its first ``max_samples``) at ``spec.img_size``, and ``large`` at full size
-    when the prepared data has large images."""
+    ``test`` (its first ``max_samples``) at ``spec.img_size`` (a detector's at each image's
+    own size: it is scored in those pixels), and ``large`` at full size when the prepared data
+    has large images."""
     info = read_splits(prepared)
-    test = open_split("test", prepared, spec.transform(resize=True))
+    test = open_split("test", prepared, spec.transform(resize=spec.task != "det"))
     sets = {"test": subset(test, max_samples)}
     if info.get("large"):
         sets["large"] = open_split("test", prepared, spec.transform(resize=False), large=True)
@@ -193,7 +318,6 @@ def evaluate(
     """
     from pipelines.registry import resolve_model
 
-    require_supported(read_splits(prepared), "evaluate")
     torch.set_num_threads(p.num_threads)
     folder = resolve_model(model_dir or p.model or FINETUNED)
     model, cfg = load_model(folder)
@@ -203,14 +327,22 @@ def evaluate(
     reports_dir.mkdir(parents=True, exist_ok=True)
     sets = open_sets(spec, prepared, p.max_samples)
     results = score_all(model, meta, sets, p)
-    images = [sets["test"][i][0] for i in range(min(p.erf_images, len(sets["test"])))]
+    size = (meta.img_size, meta.img_size)
+    images = [
+        resize_input(sets["test"][i][0][None], size)[0]
+        for i in range(min(p.erf_images, len(sets["test"])))
+    ]
     erf = effective_receptive_field(feature_map(model, meta.task), torch.stack(images))
     heatmap(erf.map.numpy(), reports_dir / "erf.png", title="effective receptive field", log=True)
-    rows = write_tables(results, meta.classes, reports_dir)
-    draw_confusions(results, list(sets), meta.classes, reports_dir)
+    rows = write_tables(results, meta.task, meta.classes, reports_dir)
+    if isinstance(model, Detector):
+        plain = box_runners(model, meta.img_size, p, large=False)["plain"]
+        draw_detections(plain, sets["test"], open_split("test", prepared), meta.classes, reports_dir)
+    else:
+        draw_confusions(results, list(sets), meta.classes, reports_dir)
+    shown = (*SHOWN[meta.task], "ms_per_image")
     metrics: dict[str, Any] = {
-        key.replace("/", "."): {m: r[m] for m in ("accuracy", "miou", "ms_per_image")}
-        for key, r in results.items()
+        key.replace("/", "."): {m: r[m] for m in shown} for key, r in results.items()
     }
     metrics["erf"] = {f"area_{round(t * 100)}": v for t, v in erf.area_ratios.items()}
     write_json(reports_dir / "metrics.json", metrics)
@@ -226,49 +358,82 @@ def score_all(
 ) -> dict[str, dict[str, Any]]:
     """``{"<set>/<mode>[_tta]": scores}`` of every inference mode that applies to each set,
     with and without TTA (test images ``p.batch_size`` at a time, large images one by one)."""
-    task, size, k = meta.task, meta.img_size, len(meta.classes)
     results: dict[str, dict[str, Any]] = {}
     for set_name, dataset in sets.items():
-        for mode, run in runners(model, task, size, p, set_name == "large").items():
-            for use_tta in (False, True):
-                runner = with_tta(run, model, task, size, p) if use_tta else run
-                key = f"{set_name}/{mode}{'_tta' if use_tta else ''}"
-                batch = p.batch_size if set_name == "test" else 1
-                results[key] = score_mode(runner, dataset, task, k, batch)
-                print(
-                    f"evaluate: {key}: miou={results[key]['miou']:.4f} "
-                    f"accuracy={results[key]['accuracy']:.4f}",
-                    flush=True,
-                )
+        batch = p.batch_size if set_name == "test" else 1
+        for mode, scorer in scorers(model, meta, p, set_name == "large").items():
+            key = f"{set_name}/{mode}"
+            results[key] = scorer(dataset, batch_size=batch)
+            figures = " ".join(f"{m}={results[key][m]:.4f}" for m in SHOWN[meta.task])
+            print(f"evaluate: {key}: {figures}", flush=True)
     return results
 
 
 def write_tables(
-    results: dict[str, dict[str, Any]], classes: list[str], reports_dir: Path
+    results: dict[str, dict[str, Any]], task: ModelTask, classes: list[str], reports_dir: Path
 ) -> list[dict[str, Any]]:
-    """``results.csv`` (one row per set and mode, returned) and ``per_class_iou.csv``."""
+    """``results.csv`` (one row per set and mode with the task's :data:`SHOWN` figures,
+    returned) and ``per_class_iou.csv``, or for detection ``per_class_ap.csv`` (and a
+    ``per_class_iou.csv`` with its header only, as DVC declares it)."""
     rows = [
         {
             "set_mode": key,
             "set": key.split("/")[0],
             "mode": key.split("/")[1],
-            "accuracy": r["accuracy"],
-            "miou": r["miou"],
+            **{m: r[m] for m in SHOWN[task]},
             "ms_per_image": r["ms_per_image"],
         }
         for key, r in results.items()
     ]
     write_csv(reports_dir / "results.csv", rows, list(rows[0]))
+    figure, column = ("per_class_map", "ap") if task == "det" else ("per_class_iou", "iou")
+    columns = ["label", "set_mode", "class", column]
     write_csv(
-        reports_dir / "per_class_iou.csv",
+        reports_dir / f"per_class_{column}.csv",
         [
-            {"label": f"{key} {name}", "set_mode": key, "class": name, "iou": iou}
+            {"label": f"{key} {name}", "set_mode": key, "class": name, column: value}
             for key, r in results.items()
-            for name, iou in zip(classes, r["per_class_iou"], strict=True)
+            for name, value in zip(classes, r[figure], strict=True)
         ],
-        ["label", "set_mode", "class", "iou"],
+        columns,
     )
+    if task == "det":
+        write_csv(reports_dir / "per_class_iou.csv", [], ["label", "set_mode", "class", "iou"])
     return rows
+
+
+def draw_detections(
+    run: BoxPredictor, test: Split, pictures: Split, classes: list[str], out: Path
+) -> None:
+    """``detections.png``: the first :data:`DRAWN_IMAGES` test images with their annotated
+    boxes (top row) and ``run``'s from :data:`DRAWN_SCORE` (bottom row); and a note in place
+    of each confusion matrix DVC declares.
+
+    Args:
+        run: The detector as scored on the test set (its ``plain`` mode).
+        test: The test set as scored (model inputs).
+        pictures: The same images as floats in ``[0, 1]`` (:func:`open_split` untransformed).
+        classes: Class names.
+        out: The report folder.
+    """
+    n = min(DRAWN_IMAGES, len(test))
+    shown, truth, found = [], [], []
+    for i in range(n):
+        picture, target = pictures[i]
+        shown.append((picture.permute(1, 2, 0) * 255).round().byte().numpy())
+        truth.append({k: target[k].numpy() for k in ("boxes", "labels")})
+        (boxes,) = run.predict(test[i][0][None], score_thresh=DRAWN_SCORE)
+        found.append({k: boxes[k].numpy() for k in ("boxes", "labels")})
+    sample_grid(
+        shown + shown,
+        truth + found,
+        classes,
+        out / "detections.png",
+        columns=n,
+        title=f"test images: annotated (top), predicted from score {DRAWN_SCORE} (bottom)",
+    )
+    for set_name in ("test", "large"):
+        _note(out / f"confusion_{set_name}.png", "detection: boxes in detections.png")
 
 
 def draw_confusions(

@@ -138,3 +138,59 @@ def test_modes_follow_what_the_model_accepts() -> None:
     assert "whole" not in runners(vit, "seg", 32, p, large=True)
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
     assert list(runners(plain, "seg", 32, p, large=True)) == ["resize", "whole", "sliding"]
+
+
+DET = {"task": "det", "recipe": "gattn_det_p2_ppm_lk", "num_classes": 3}
+
+
+@pytest.fixture(scope="module")
+def det_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """tiny-det at 64 px (a few images, two large ones at 128 px) and an untrained detector
+    saved as the finetune stage saves models."""
+    root = tmp_path_factory.mktemp("det")
+    data = {
+        "task": "tiny-det",
+        "num_samples": 10,
+        "image_size": 64,
+        "large": {"num_samples": 2, "image_size": 128},
+        "grid_samples": 2,
+    }
+    prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
+    torch.manual_seed(0)
+    classes = json.loads((root / "prepared" / "splits.json").read_text())["classes"]
+    meta = {"task": "det", "classes": classes, "img_size": 64, "metric": "map"}
+    return root / "prepared", save_model(build_model(DET).eval(), DET, root / "model", **meta)
+
+
+@pytest.mark.slow
+def test_detector_is_scored_on_boxes_plain_tta_and_sliding(tmp_path: Path, det_setup) -> None:
+    prepared, model_dir = det_setup
+    p = EvaluateParams(erf_images=2, tta_scales=(1.0,), batch_size=4)
+    reports = tmp_path / "reports"
+    out = evaluate(p, model_dir, prepared, reports)
+
+    modes = ["resize", "whole", "sliding", "sliding_global"]
+    expected = ["test.plain", *(f"large.{m}" for m in modes)]
+    metrics = out["metrics"]
+    assert sorted(k for k in metrics if k != "erf") == sorted(
+        expected + [f"{k}_tta" for k in expected]
+    )
+    figures = ("map", "map_50", "map_small", "map_medium")
+    for key in expected + [f"{k}_tta" for k in expected]:
+        assert set(metrics[key]) == {*figures, "ms_per_image"}
+        for name in ("map", "map_50", "map_small"):  # tiny-det's objects are all small
+            assert 0 <= metrics[key][name] <= 1, (key, name, metrics[key][name])
+        assert metrics[key]["ms_per_image"] > 0
+    assert 0 < metrics["erf"]["area_20"] <= metrics["erf"]["area_99"] <= 1
+    assert json.loads((reports / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+    with open(reports / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and set(figures) <= set(rows[0])
+    with open(reports / "per_class_ap.csv") as f:
+        assert len(list(csv.DictReader(f))) == 10 * 3
+    details = json.loads((reports / "details.json").read_text())
+    assert details["task"] == "det" and 0 <= details["results"]["test/plain"]["mar_100"] <= 1
+    for png in ("detections.png", "confusion_test.png", "confusion_large.png", "erf.png"):
+        assert (reports / png).stat().st_size > 1000
+    assert (reports / "per_class_iou.csv").read_text().strip() == "label,set_mode,class,iou"
