@@ -11,10 +11,13 @@ The HTTP API (OpenAPI at ``/docs``):
 - ``POST /v1/predict``: an image (raw body with ``Content-Type: image/...`` or a
   ``multipart/form-data`` upload in a ``file`` field). Classifiers answer the top-k labels
   with probabilities; segmenters the mask as a base64 palette PNG (pixel value = class id)
-  and each class's area. Query options: ``top_k``, ``tta``, ``sliding`` (``auto``: sliding
-  windows with global feedback for images larger than the model's input).
+  and each class's area; detectors the boxes (``[x0, y0, x1, y1]`` in the image's pixels),
+  each with its class index, label and score, by score. Query options: ``top_k``, ``tta``,
+  ``sliding`` (``auto``: sliding windows with global feedback for images larger than the
+  model's input), ``min_score`` (detectors).
 - ``POST /v1/explain``: a heatmap PNG over the image (attention rollout for ViTs, Grad-CAM
-  otherwise; ``method`` and ``target`` choose).
+  otherwise, for a detector of its top detection's class score; ``method`` and ``target``
+  choose).
 - ``GET /v1/model``: name, registry version, task, classes, input size, limits.
 - ``GET /healthz``: liveness (no auth).
 
@@ -67,7 +70,7 @@ from pipelines.serve.http_io import (
     mask_png,
     read_body,
 )
-from pipelines.serve.predictor import InputSpec, Job, Method, Options, Predictor
+from pipelines.serve.predictor import Boxes, InputSpec, Job, Method, Options, Predictor
 
 _ALIAS = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
 
@@ -95,9 +98,16 @@ class ClassArea(BaseModel):
     fraction: float
 
 
+class Box(BaseModel):
+    box: list[float]  # [x0, y0, x1, y1], pixels of the uploaded image
+    index: int
+    label: str
+    score: float
+
+
 class PredictResponse(BaseModel):
     model: ModelRef
-    task: Literal["cls", "seg"]
+    task: Literal["cls", "seg", "det"]
     width: int
     height: int
     tta: bool
@@ -106,6 +116,7 @@ class PredictResponse(BaseModel):
     top_k: list[TopK] | None = None
     mask_png: str | None = None  # base64 palette PNG, pixel value = class index
     areas: list[ClassArea] | None = None
+    boxes: list[Box] | None = None  # by score
 
 
 class ExplainResponse(BaseModel):
@@ -120,7 +131,7 @@ class ExplainResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     model: ModelRef
-    task: Literal["cls", "seg"]
+    task: Literal["cls", "seg", "det"]
     classes: list[str]
     input_size: list[int]
     in_chans: int
@@ -212,6 +223,18 @@ def mask_payload(mask: np.ndarray, classes: list[str]) -> dict[str, Any]:
             for i, (c, n) in enumerate(zip(classes, counts, strict=True))
         ],
     }
+
+
+def box_payload(found: Boxes, classes: list[str], min_score: float) -> list[dict[str, Any]]:
+    """A detection answer: the boxes scoring at least ``min_score``, by score, each with its
+    class index and label."""
+    keep = found["scores"] >= min_score
+    return [
+        {"box": [float(v) for v in box], "index": int(k), "label": classes[int(k)], "score": float(s)}
+        for box, k, s in zip(
+            found["boxes"][keep], found["labels"][keep], found["scores"][keep], strict=True
+        )
+    ]
 
 
 def read_token(env_name: str | None) -> str | None:
@@ -394,10 +417,12 @@ class GattnIngress:
         top_k: int | None = Query(None, ge=1, description="labels returned (cls)"),
         tta: bool = Query(False, description="test-time augmentation: scales and flips"),
         sliding: Literal["auto", "on", "off"] = Query(
-            "auto", description="sliding windows (seg): auto = when larger than the input size"
+            "auto",
+            description="sliding windows (seg, det): auto = when larger than the input size",
         ),
+        min_score: float = Query(0.0, ge=0, le=1, description="boxes from this score (det)"),
     ) -> dict[str, Any]:
-        """Classify or segment an uploaded image."""
+        """Classify, segment or detect objects in an uploaded image."""
         image, x = await self._image(request)
         spec = self.spec
         options = Options(tta=tta, sliding=sliding)
@@ -411,12 +436,14 @@ class GattnIngress:
             "width": width,
             "height": height,
             "tta": tta,
-            "sliding_window": spec.task == "seg" and spec.use_sliding((height, width), options),
+            "sliding_window": spec.task != "cls" and spec.use_sliding((height, width), options),
             "batch_size": batch_size,
         }
         if spec.task == "cls":
             k = min(top_k or self.args.top_k, len(result))
             out["top_k"] = top_labels(result, list(spec.classes), k)
+        elif spec.task == "det":
+            out["boxes"] = box_payload(result, list(spec.classes), min_score)
         else:
             out.update(await asyncio.to_thread(mask_payload, result, list(spec.classes)))
         return out

@@ -1,7 +1,8 @@
 """``gattn predict IMAGE``: the command-line client of the serving app (stdlib HTTP only).
 
 Sends the image as the request body to ``POST /v1/predict`` and prints the top-k labels
-(classifier) or the class areas and saves the mask PNG (segmenter); ``--explain OUT.png``
+(classifier), the class areas and saves the mask PNG (segmenter), or the boxes and saves the
+image with the boxes drawn on it (detector, ``IMAGE.boxes.png``); ``--explain OUT.png``
 also saves the heatmap from ``POST /v1/explain``. The URL defaults to ``serve.host`` /
 ``serve.port`` / ``serve.route_prefix`` of params.yaml, the token to the environment variable
 ``serve.auth_token_env`` names.
@@ -89,6 +90,26 @@ def save_png(b64: str, path: Path) -> Path:
     return path
 
 
+def draw_boxes(image: Path, boxes: list[dict[str, Any]], path: Path) -> Path:
+    """Write ``image`` with the answer's ``boxes`` outlined, class ``k`` in matplotlib's tab10
+    colour ``k`` (as the reports draw them), each labelled with its class and score."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    colours = matplotlib.color_sequences["tab10"]
+    with Image.open(image) as opened:
+        picture = opened.convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    for b in reversed(boxes):  # the best boxes drawn last, on top
+        colour = tuple(round(255 * c) for c in colours[b["index"] % len(colours)])
+        x0, y0, x1, y1 = b["box"]
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour)
+        draw.text((x0, max(0.0, y0 - 10)), f"{b['label']} {b['score']:.2f}", fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG")
+    return path
+
+
 def describe(result: dict[str, Any]) -> str:
     """Human-readable lines of a ``/v1/predict`` answer."""
     model = result["model"]
@@ -96,6 +117,12 @@ def describe(result: dict[str, Any]) -> str:
     lines = [f"{model['name']}{version} ({result['task']}, {result['width']}x{result['height']})"]
     if result["task"] == "cls":
         lines += [f"  {t['probability']:.4f}  {t['label']}" for t in result["top_k"]]
+    elif result["task"] == "det":
+        lines.append(f"  {len(result['boxes'])} boxes")
+        lines += [
+            f"  {b['score']:.4f}  {b['label']} [{', '.join(f'{v:.1f}' for v in b['box'])}]"
+            for b in result["boxes"]
+        ]
     else:
         lines += [
             f"  {a['fraction']:7.2%}  {a['label']} ({a['pixels']} px)"
@@ -113,9 +140,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="labels to print (classifier)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation")
     parser.add_argument(
-        "--sliding", choices=("auto", "on", "off"), default="auto", help="sliding windows (seg)"
+        "--sliding",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="sliding windows (seg, det)",
     )
+    parser.add_argument("--min-score", type=float, help="boxes from this score (detector)")
     parser.add_argument("--mask", type=Path, help="mask PNG to write (default: IMAGE.mask.png)")
+    parser.add_argument(
+        "--boxes", type=Path, help="image with the boxes drawn (default: IMAGE.boxes.png)"
+    )
     parser.add_argument("--explain", type=Path, metavar="PNG", help="also save a heatmap here")
     parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -130,7 +164,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     data = args.image.read_bytes()
     ctype = mimetypes.guess_type(args.image.name)[0] or "application/octet-stream"
-    query = {"top_k": args.top_k, "tta": args.tta, "sliding": args.sliding}
+    query = {
+        "top_k": args.top_k,
+        "tta": args.tta,
+        "sliding": args.sliding,
+        "min_score": args.min_score,
+    }
     try:
         result = call(url, "/v1/predict", data, ctype, query, token, args.timeout)
         heat = None
@@ -143,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
     if result.get("mask_png"):
         mask = args.mask or args.image.with_name(f"{args.image.stem}.mask.png")
         print(f"mask: {save_png(result['mask_png'], mask)}")
+    if result.get("boxes") is not None:
+        drawn = args.boxes or args.image.with_name(f"{args.image.stem}.boxes.png")
+        print(f"boxes: {draw_boxes(args.image, result['boxes'], drawn)}")
     if heat is not None:
         print(
             f"heatmap ({heat['method']}, class {heat['label']}): "

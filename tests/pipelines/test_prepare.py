@@ -173,8 +173,7 @@ def test_prepare_tiny_det(tiny_det: tuple[Path, dict]) -> None:
 
 
 def test_later_stages_refuse_detection(tiny_det: tuple[Path, dict]) -> None:
-    from pipelines.config import EvaluateParams, ParamsError, PretrainParams, TuneParams
-    from pipelines.stages.evaluate import evaluate
+    from pipelines.config import ParamsError, PretrainParams, TuneParams
     from pipelines.stages.pretrain import pretrain
     from pipelines.stages.tune.stage import data_context
 
@@ -184,8 +183,6 @@ def test_later_stages_refuse_detection(tiny_det: tuple[Path, dict]) -> None:
         pretrain(PretrainParams(), prepared=out, out_dir=out / "no")
     with pytest.raises(ParamsError, match=message.format("tune")):
         data_context(out, None, TuneParams(), 0)
-    with pytest.raises(ParamsError, match=message.format("evaluate")):
-        evaluate(EvaluateParams(), prepared=out, reports_dir=out / "no")
 
 
 def test_prepare_folder_det_counts_corrupt_files(tmp_path: Path, capsys) -> None:

@@ -3,7 +3,8 @@
 Two apps from one serve config written by :func:`pipelines.stages.deploy.serve_config` and deployed
 the way ``gattn serve`` does: ``/cls`` serves a tiny ViT classifier from the MLflow registry
 (``models:/...@champion``) with bearer-token auth; ``/seg`` a tiny CNN segmenter from a
-folder, without auth. Served outputs are checked against the models run offline.
+folder, without auth; ``/det`` the small-object detector recipe from a folder. Served outputs
+are checked against the models run offline.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 CLS = {"task": "cls", "backbone": "gattn_vit_global", "num_classes": 3, "img_size": SIZE,
        "backbone_kwargs": VIT}  # fmt: skip
 SEG = {"task": "seg", "backbone": "gattn_local_cnn", "num_classes": 3, "head": "fcn"}
+DET = {"task": "det", "recipe": "gattn_det_p2_ppm_lk", "num_classes": 3}
+DET_SIZE = 64  # GroupNorm needs more than one value per group on the top level
 CLASSES = ["bg", "ring", "dot"]
 LIMITS = {"max_body_bytes": 200_000, "max_pixels": 256 * 256, "batch_wait_timeout_s": 0.25}
 
@@ -53,6 +56,7 @@ class Server:
     url: str
     cls_dir: Path
     seg_dir: Path
+    det_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,7 @@ def server(
     torch.nn.init.normal_(segmenter.head.conv_seg.weight, std=30.0)
     torch.nn.init.normal_(segmenter.head.context_proj.weight, std=1.0)
     seg_dir = save_model(segmenter, SEG, root / "seg", classes=CLASSES, img_size=SIZE)
+    det_dir = save_model(build_model(DET), DET, root / "det", classes=CLASSES, img_size=DET_SIZE)
     mlflow.set_tracking_uri(store)
     try:
         version = register(cls_dir, "gattn-test-cls")
@@ -90,13 +95,15 @@ def server(
     seg_p = ServeParams(app_name="seg", route_prefix="/seg", **common)
     config = serve_config(cls_p, "models:/gattn-test-cls@champion", store)
     config["applications"] += serve_config(seg_p, str(seg_dir))["applications"]
+    det_p = ServeParams(app_name="det", route_prefix="/det", **common)
+    config["applications"] += serve_config(det_p, str(det_dir))["applications"]
     schema = ServeDeploySchema.model_validate(config)
     try:
         with local_ray(num_cpus=cpus_needed(schema)):
             try:
                 deploy_config(schema, timeout_s=240)  # starts Serve on 127.0.0.1:port
                 assert version == 1
-                yield Server(f"http://127.0.0.1:{port}", cls_dir, seg_dir)
+                yield Server(f"http://127.0.0.1:{port}", cls_dir, seg_dir, det_dir)
             finally:
                 serve.shutdown()
     finally:
@@ -381,3 +388,55 @@ def test_predict_client(server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     assert lines[0].startswith("gattn-test-cls v1 (cls, 32x32)") and len(lines) == 3
     assert main([*base, "--url", f"{server.url}/cls", "--token", "wrong"]) == 1
     assert "HTTP 401" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Detection: boxes in JSON, bad input refused as for the other tasks, boxes drawn by the client.
+
+
+def test_detector_answers_boxes_like_offline(server: Server) -> None:
+    image = random_image(DET_SIZE, DET_SIZE, 20)
+    status, _, out = request(f"{server.url}/det/v1/predict", encode(image))
+    assert status == 200, out
+    assert out["task"] == "det" and not out["sliding_window"] and out["boxes"]
+    (found,) = offline(server.det_dir).predict(as_tensor(image))
+    scores = [b["score"] for b in out["boxes"]]
+    np.testing.assert_allclose(scores, found["scores"], atol=1e-4)
+    # Untrained scores nearly tie, so the order of equal-scoring boxes may differ between two
+    # processes: each served box is one the offline model found, with its label.
+    offline_boxes = found["boxes"].numpy()
+    for b in out["boxes"]:
+        same = np.abs(offline_boxes - np.array(b["box"])).max(1) < 1e-2
+        assert same.any() and b["label"] in {CLASSES[k] for k in found["labels"][same]}
+    cut = float(np.median(scores))
+    status, _, out = request(f"{server.url}/det/v1/predict?min_score={cut}", encode(image))
+    assert status == 200 and 0 < len(out["boxes"]) <= len(scores)
+    assert min(b["score"] for b in out["boxes"]) >= cut
+
+    large = random_image(150, 130, 21)  # larger than the input: windows with feedback
+    status, _, out = request(f"{server.url}/det/v1/predict?tta=true", encode(large))
+    assert status == 200 and out["sliding_window"] and out["tta"], out
+    boxes = np.array([b["box"] for b in out["boxes"]])
+    assert (boxes >= 0).all() and (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 150).all()
+
+
+@pytest.mark.parametrize("case", ["garbage bytes", "truncated jpeg", "over pixel limit"])
+def test_detector_refuses_bad_input(server: Server, case: str) -> None:
+    make, expected, code = BAD_INPUTS[case]
+    body, ctype = make()
+    status, _, out = request(f"{server.url}/det/v1/predict", body, ctype, method="POST")
+    assert status == expected and out["error"].startswith(code), out
+
+
+def test_predict_client_draws_the_boxes(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "x.png"
+    random_image(DET_SIZE, DET_SIZE + 8, 22).save(path)
+    drawn = tmp_path / "boxes.png"
+    argv = ["predict", str(path), "--url", f"{server.url}/det", "--boxes", str(drawn)]
+    assert main([*argv, "--min-score", "0.0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "(det, 72x64)" in lines[0] and lines[1].strip().endswith("boxes")
+    assert Image.open(drawn).size == (DET_SIZE + 8, DET_SIZE)
+    assert (np.asarray(Image.open(drawn)) != np.asarray(Image.open(path))).any()
