@@ -229,11 +229,10 @@ def box_payload(found: Boxes, classes: list[str], min_score: float) -> list[dict
     """A detection answer: the boxes scoring at least ``min_score``, by score, each with its
     class index and label."""
     keep = found["scores"] >= min_score
+    boxes, labels, scores = (found[k][keep] for k in ("boxes", "labels", "scores"))
     return [
-        {"box": [float(v) for v in box], "index": int(k), "label": classes[int(k)], "score": float(s)}
-        for box, k, s in zip(
-            found["boxes"][keep], found["labels"][keep], found["scores"][keep], strict=True
-        )
+        {"box": box.tolist(), "index": int(k), "label": classes[int(k)], "score": float(s)}
+        for box, k, s in zip(boxes, labels, scores, strict=True)
     ]
 
 

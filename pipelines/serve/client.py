@@ -103,7 +103,8 @@ def draw_boxes(image: Path, boxes: list[dict[str, Any]], path: Path) -> Path:
     for b in reversed(boxes):  # the best boxes drawn last, on top
         colour = tuple(round(255 * c) for c in colours[b["index"] % len(colours)])
         x0, y0, x1, y1 = b["box"]
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour)
+        # pixel edges to the last pixel inside (a box under a pixel wide is one pixel)
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour)
         draw.text((x0, max(0.0, y0 - 10)), f"{b['label']} {b['score']:.2f}", fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, format="PNG")

@@ -280,13 +280,20 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, options: Options) -> torch.Tensor:
         """Class probabilities of same-sized images ``(B, C, H, W)``: ``(B, K)`` for a classifier
-        (images resized to the input size first), ``(B, K, H, W)`` for a segmenter."""
+        (images resized to the input size first), ``(B, K, H, W)`` for a segmenter.
+
+        Raises:
+            ValueError: the model is a detector (its answer: :meth:`detections`).
+        """
+        task = self.spec.task
+        if task == "det":
+            raise ValueError("a detector gives boxes, not class probabilities: see detections()")
         images = images.to(self.device)
-        if self.spec.task == "cls":
+        if task == "cls":
             images = resize_input(images, self.spec.img_size)  # a no-op after preprocess()
         runner = self._runner((images.shape[-2], images.shape[-1]), options)
         if options.tta:
-            return tta(runner, images, self.tta_scales, flip=True, task=self.spec.task)
+            return tta(runner, images, self.tta_scales, flip=True, task=task)
         return runner(images).float().softmax(dim=1)
 
     @property
@@ -307,7 +314,7 @@ class Predictor:
             return BoxRunner(
                 functools.partial(
                     sliding_window_detect,
-                    self.model,
+                    self.detector,
                     window=self.spec.img_size,
                     overlap=self.overlap,
                     batch_size=WINDOW_BATCH,
@@ -315,7 +322,8 @@ class Predictor:
                 )
             )
         if self.spec.fixed:
-            return BoxRunner(functools.partial(resized_detect, self.model, size=self.spec.img_size))
+            resized = functools.partial(resized_detect, self.detector, size=self.spec.img_size)
+            return BoxRunner(resized)
         return self.detector
 
     @torch.inference_mode()
@@ -338,7 +346,8 @@ class Predictor:
                 for found in self.detections(images, options)
             ]
         probs = self.probabilities(images, options)
-        return list(probs.cpu().numpy() if self.spec.task == "cls" else probs.argmax(1).cpu().numpy())
+        out = probs if self.spec.task == "cls" else probs.argmax(1)
+        return list(out.cpu().numpy())
 
     def run(self, jobs: Sequence[Job]) -> list[Result]:
         """Results of a batch of jobs, in order: ``(K,)`` probabilities (cls), an ``(H, W)``

@@ -74,6 +74,7 @@ from gattn.inference import (
     tta_detect,
 )
 from gattn.inference.detection import BoxPredictor
+from gattn.inference.tta import Task as DenseTask
 from gattn.inference.tta import resize as resize_output
 from gattn.metrics.detection import detection_metric, summarise_detection
 from gattn.models import load_model
@@ -138,7 +139,7 @@ def runners(
 
 
 def with_tta(
-    run: Runner, model: nn.Module, task: ModelTask, size: int, p: EvaluateParams
+    run: Runner, model: nn.Module, task: DenseTask, size: int, p: EvaluateParams
 ) -> Runner:
     """``run`` under multi-scale + flip TTA. A fixed-size model at the test resolution sees
     each scaled view through sliding windows of its size (segmentation; padded when smaller)
@@ -253,6 +254,8 @@ def scorers(model: nn.Module, meta: ModelMeta, p: EvaluateParams, large: bool) -
             out[mode] = functools.partial(score_boxes, boxes, num_classes=k)
             out[f"{mode}_tta"] = functools.partial(score_boxes, BoxRunner(tta_run), num_classes=k)
         return out
+    if task == "det":
+        raise TypeError(f"config.json says task det, but {type(model).__name__} is no detector")
     for mode, run in runners(model, task, size, p, large).items():
         augmented = with_tta(run, model, task, size, p)
         out[mode] = functools.partial(score_mode, run, task=task, num_classes=k)
@@ -337,7 +340,8 @@ def evaluate(
     rows = write_tables(results, meta.task, meta.classes, reports_dir)
     if isinstance(model, Detector):
         plain = box_runners(model, meta.img_size, p, large=False)["plain"]
-        draw_detections(plain, sets["test"], open_split("test", prepared), meta.classes, reports_dir)
+        pictures = open_split("test", prepared)
+        draw_detections(plain, sets["test"], pictures, meta.classes, reports_dir)
     else:
         draw_confusions(results, list(sets), meta.classes, reports_dir)
     shown = (*SHOWN[meta.task], "ms_per_image")

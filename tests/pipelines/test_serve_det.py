@@ -1,5 +1,5 @@
 """A detector behind the serving code without Ray: the predictor's boxes, the upload checks,
-``gattn explain`` and the deploy stage's smoke test (the HTTP app: tests/pipelines/test_serve.py)."""
+``gattn explain`` and the deploy stage's smoke test (the HTTP app: test_serve.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ CLASSES = ["red", "green", "blue"]
 def det_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("det")
-    return save_model(build_model(DET), DET, root / "det", task="det", classes=CLASSES, img_size=SIZE)
+    meta = {"task": "det", "classes": CLASSES, "img_size": SIZE}
+    return save_model(build_model(DET), DET, root / "det", **meta)
 
 
 def picture(h: int, w: int, seed: int) -> Image.Image:
@@ -80,8 +81,9 @@ def test_explain_a_detection_and_deploy_smoke_test(det_dir: Path, tmp_path: Path
     assert (tmp_path / "cam.png").stat().st_size > 1000
     out = explain(path, det_dir, method="gradcam", target=2, out=tmp_path / "cam2.png")
     assert out["class"] == "blue"
-    method, heat, _ = top.explain(x[0], "grad_cam", 1)
-    assert heat.shape == (80, 72) and 0 <= heat.min() and heat.max() <= 1
+    method, heat, target = top.explain(x[0], "grad_cam", 1)
+    assert (method, target, heat.shape) == ("grad_cam", 1, (80, 72))
+    assert heat.min() >= 0 and heat.max() <= 1
     with pytest.raises(ValueError, match="rollout"):
         top.explain(x[0], "rollout")
     assert smoke_test(str(det_dir), None, ServeParams())["task"] == "det"
