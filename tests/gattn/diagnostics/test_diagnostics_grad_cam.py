@@ -166,3 +166,25 @@ def test_timm_resnet_matches_a_plain_reference_at_in_place_layers(resnet18, laye
         # kept activation is the post-ReLU/residual one and the map differs.
         wrong = reference_grad_cam(resnet18, x, layer, target, copy=False)
         assert (wrong - ref).abs().max() > 1e-2
+
+
+def test_detection_scores_are_the_logits_at_the_top_detections() -> None:
+    from gattn.diagnostics import DetectionScores, FinestClassMap, top_class
+    from gattn.models import build_model
+    from gattn.models.fcos import flatten_levels
+
+    torch.manual_seed(0)
+    det = build_model({"task": "det", "recipe": "gattn_det_p2", "num_classes": 3}).eval()
+    x = torch.rand(1, 3, 64, 64)
+    scores = DetectionScores(det)(x)
+    out = det(x)
+    logits = flatten_levels(out.cls_logits)[0]
+    combined = (logits.sigmoid() * flatten_levels(out.centerness)[0].sigmoid()).sqrt()
+    for k in range(3):
+        where = int(combined[:, k].argmax())
+        assert scores[0, k] == logits[where, k]
+    (found,) = det.predict(x, score_thresh=0.0, max_det=1)
+    assert top_class(det, x) == int(found["labels"][0]) == int(combined.max(0).values.argmax())
+    assert FinestClassMap(det)(x).shape == (1, 3, 16, 16)  # P2: stride 4
+    cam = grad_cam(DetectionScores(det), x, det.encoder.layer4, top_class(det, x))
+    assert cam.shape == (1, 64, 64) and 0 <= float(cam.min()) <= float(cam.max()) <= 1

@@ -168,3 +168,23 @@ def test_tta_on_a_real_detector() -> None:
     out = tta_detect(model, torch.rand(2, 3, 48, 64), score_thresh=0.01, max_det=10)
     assert len(out) == 2 and all(0 < len(r["boxes"]) <= 10 for r in out)
     assert all((r["boxes"][:, 2] <= 64).all() and (r["boxes"][:, 3] <= 48).all() for r in out)
+
+
+def test_resized_detect_scales_boxes_back_and_box_runner_feeds_tta() -> None:
+    from gattn.inference import BoxRunner, resized_detect
+
+    model = PeakDetector()
+    image = torch.zeros(1, 3, 64, 48)
+    image[0, 0, 20:24, 16:20] = 0.9  # a 4x4 blob: it survives the 2x downscale as a peak
+    (small,) = resized_detect(model, image, (32, 24))
+    assert model.calls[-1] == (1, 3, 32, 24)
+    (direct,) = model.predict(torch.nn.functional.interpolate(image, (32, 24), mode="bilinear",
+                                                              antialias=True))  # fmt: skip
+    torch.testing.assert_close(small["boxes"], direct["boxes"] * 2)
+    assert resized_detect(model, image, (64, 48))[0]["boxes"].shape == (16, 4)  # itself
+
+    runner = BoxRunner(lambda x, **kw: resized_detect(model, x, (32, 24), **kw))
+    (found,) = tta_detect(runner, image, scales=(1.0,), flip=True, max_det=2)
+    assert len(found["boxes"]) <= 2 and (found["boxes"][:, 2] <= 48).all()
+    with pytest.raises(ValueError, match="global_context"):
+        runner.predict(image, global_context=torch.zeros(1, 4))
