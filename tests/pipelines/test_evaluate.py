@@ -145,14 +145,14 @@ DET = {"task": "det", "recipe": "gattn_det_p2_ppm_lk", "num_classes": 3}
 
 @pytest.fixture(scope="module")
 def det_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """tiny-det at 64 px (a few images, two large ones at 128 px) and an untrained detector
+    """tiny-det at 64 px (a few images, one large one at 128 px) and an untrained detector
     saved as the finetune stage saves models."""
     root = tmp_path_factory.mktemp("det")
     data = {
         "task": "tiny-det",
         "num_samples": 10,
         "image_size": 64,
-        "large": {"num_samples": 2, "image_size": 128},
+        "large": {"num_samples": 1, "image_size": 128},
         "grid_samples": 2,
     }
     prepare(Params.model_validate({"data": data}), root / "prepared", root / "reports")
@@ -165,13 +165,16 @@ def det_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_detector_is_scored_on_boxes_plain_tta_and_sliding(tmp_path: Path, det_setup) -> None:
     prepared, model_dir = det_setup
-    p = EvaluateParams(erf_images=2, tta_scales=(1.0,), batch_size=4)
+    params = tmp_path / "params.yaml"
+    section = {"erf_images": 2, "tta_scales": [1.0], "batch_size": 4}
+    params.write_text(json.dumps({"evaluate": section}))
     reports = tmp_path / "reports"
-    out = evaluate(p, model_dir, prepared, reports)
+    args = ["--params", str(params), "--model", str(model_dir), "--data", str(prepared)]
+    assert main(["evaluate", *args, "--reports", str(reports)]) == 0
 
     modes = ["resize", "whole", "sliding", "sliding_global"]
     expected = ["test.plain", *(f"large.{m}" for m in modes)]
-    metrics = out["metrics"]
+    metrics = json.loads((reports / "metrics.json").read_text())
     assert sorted(k for k in metrics if k != "erf") == sorted(
         expected + [f"{k}_tta" for k in expected]
     )
@@ -182,7 +185,9 @@ def test_detector_is_scored_on_boxes_plain_tta_and_sliding(tmp_path: Path, det_s
             assert 0 <= metrics[key][name] <= 1, (key, name, metrics[key][name])
         assert metrics[key]["ms_per_image"] > 0
     assert 0 < metrics["erf"]["area_20"] <= metrics["erf"]["area_99"] <= 1
-    assert json.loads((reports / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    run = mlflow.search_runs(experiment_names=["gattn"], output_format="list")[0]
+    logged = run.data.metrics["large.sliding_global_tta.map_50"]
+    assert logged == pytest.approx(metrics["large.sliding_global_tta"]["map_50"])
 
     with open(reports / "results.csv") as f:
         rows = list(csv.DictReader(f))
