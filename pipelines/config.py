@@ -287,7 +287,8 @@ class ProbeParams(Section):
     of the pretrained encoder and of the same encoder at its random initialisation.
 
     Image-level labels: a classification task's own; for segmentation, the most frequent
-    non-background class of the mask (the cue class on ``cue-seg``). The probes are fitted on
+    non-background class of the mask (the cue class on ``cue-seg``); for detection, the most
+    frequent box label of the image (0 without boxes). The probes are fitted on
     the train split (at most ``max_train`` images) and scored on ``split``. ``every_epoch``
     also scores the k-NN of the encoder being trained after every epoch (on rank 0): the curve
     of accuracy against pretraining epochs, in ``loss_curve.csv`` and ``knn_curve.png``.

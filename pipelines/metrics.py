@@ -77,7 +77,7 @@ def score(
 @torch.no_grad()
 def score_resized(
     model: torch.nn.Module,
-    batches: Iterable[Sequence[torch.Tensor]],
+    batches: Iterable[Sequence[Any]],
     task: Task,
     size: int,
     num_classes: int,

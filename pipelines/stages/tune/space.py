@@ -70,11 +70,11 @@ def model_config(
     """
     family = p.families[sample["family"]]
     if task == "det":
-        cfg = {"task": task, "recipe": family.backbone, "num_classes": num_classes}
-        cfg.update(in_chans=in_chans, img_size=int(sample["img_size"]))
+        det = {"task": task, "recipe": family.backbone, "num_classes": num_classes}
+        det.update(in_chans=in_chans, img_size=int(sample["img_size"]))
         if family.backbone_kwargs:
-            cfg["backbone_kwargs"] = dict(family.backbone_kwargs)
-        return cfg
+            det["backbone_kwargs"] = dict(family.backbone_kwargs)
+        return det
     cfg: dict[str, Any] = {
         "task": task,
         "backbone": family.backbone,
