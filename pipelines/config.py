@@ -758,10 +758,9 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Params:
-        kind = self.data.kind
-        for problem in (self.tune.det_families_error(kind), self.tune.missing_in_points(kind)):
-            if problem:
-                raise ValueError(f"{problem} (data.task {self.data.task!r})")
+        missing = self.tune.missing_in_points(self.data.kind)
+        if missing:
+            raise ValueError(f"{missing} (data.task {self.data.task!r})")
         return self
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from gattn.models import Detector, build_model, load_model
-from pipelines.config import FinetuneParams, Params, PretrainParams, TuneParams
+from pipelines.config import FinetuneParams, Params, ParamsError, PretrainParams, TuneParams
 from pipelines.init_weights import apply_init, resolve_init
 from pipelines.stages.pretrain import ENCODER, encoder_config, image_label, probe_sets
 from pipelines.stages.tune.stage import data_context
@@ -55,6 +55,8 @@ def test_tune_trial_trains_a_detector_and_its_memory_estimate_holds(tiny_det: Pa
         img_sizes=(64,),
         max_val_samples=8,
     )
+    with pytest.raises(ParamsError, match=r"tune\.families\.cnn\.backbone.*detector recipe"):
+        data_context(tiny_det, None, TuneParams(), 0)  # params.yaml's backbones, not recipes
     context = data_context(tiny_det, None, p, 0)
     assert context.kind == "det" and context.class_weight is None  # the detector takes none
     reports: list[dict] = []

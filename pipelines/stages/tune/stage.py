@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 
 from gattn.models import DET_RECIPES
-from pipelines.config import TuneParams, add_params_arguments, load_params
+from pipelines.config import ParamsError, TuneParams, add_params_arguments, load_params
 from pipelines.data import (
     HeldSplit,
     held_split,
@@ -77,6 +77,9 @@ def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: i
     family's initial weights (:func:`family_inits`; ``pretrained``: the pretrain stage's
     folder, for ``ssl``) and the device. Nothing here grows with the data set."""
     info = read_splits(prepared)
+    problem = p.det_families_error(info["kind"])
+    if problem:
+        raise ParamsError(f"{problem} (data.task {info['task']!r})")
     inits = family_inits(p, pretrained)  # a missing file fails before the data loads
     num_classes = len(info["classes"])
     size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
