@@ -229,8 +229,9 @@ def summarise(pieces: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     base = pieces.get(BASELINE, [])
     rows = []
     for name, rs in pieces.items():
-        row: dict[str, Any] = {k: rs[0][k] for k in ("recipe", "input_px", "params")}
-        row = {"variant": name, **row, **{k: cell([r[k] for r in rs]) for k in METRICS}}
+        row: dict[str, Any] = {"variant": name}
+        row |= {k: rs[0][k] for k in ("recipe", "input_px", "params")}
+        row |= {k: cell([r[k] for r in rs]) for k in METRICS}
         for key, ratio in (("train_img_s", "img_s_vs_p3"), ("peak_mib", "peak_vs_p3")):
             mean = statistics.fmean(r[key] for r in rs)
             row[key] = f"{mean:.1f}" if key == "train_img_s" else f"{mean:.0f}"
