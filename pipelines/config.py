@@ -97,8 +97,9 @@ TASK_KINDS: dict[str, Task] = {
     "folder-det": "det",
     "torchvision-cls": "cls",
 }
-# The tasks of the models that tune, finetune, evaluate and serve handle (model contracts).
+# The tasks of the models that tune, finetune, evaluate and serve handle (pipelines.contracts).
 ModelTask = Literal["seg", "cls", "det"]
+DET_RECIPE_PREFIX = "gattn_det_"  # a detection task's tune families name gattn.models recipes
 GENERATED = ("cue-seg", "pathfinder", "tiny-det")  # data.task values whose images prepare generates
 # ``torchvision.datasets`` classes with a standard train/test split that ``torchvision-cls``
 # reads: the names of :data:`gattn.data.torchvision_sets.TRAIN_TEST` (a test keeps the two
@@ -286,7 +287,8 @@ class ProbeParams(Section):
     of the pretrained encoder and of the same encoder at its random initialisation.
 
     Image-level labels: a classification task's own; for segmentation, the most frequent
-    non-background class of the mask (the cue class on ``cue-seg``). The probes are fitted on
+    non-background class of the mask (the cue class on ``cue-seg``); for detection, the most
+    frequent box label of the image (0 without boxes). The probes are fitted on
     the train split (at most ``max_train`` images) and scored on ``split``. ``every_epoch``
     also scores the k-NN of the encoder being trained after every epoch (on rank 0): the curve
     of accuracy against pretraining epochs, in ``loss_curve.csv`` and ``knn_curve.png``.
@@ -678,9 +680,17 @@ class TuneParams(Section):
         return self
 
     def choices(self, kind: Task) -> dict[str, list[Any]]:
-        """The categorical knobs of the search for a task ``kind`` (``seg``/``cls``) and their
-        values, in the order the search space lists them. The search also samples ``lr``
-        (log-uniform in :attr:`lr`); ``head`` is a segmentation knob only."""
+        """The categorical knobs of the search for a task ``kind`` and their values, in the
+        order the search space lists them. The search also samples ``lr`` (log-uniform in
+        :attr:`lr`); ``head`` is a segmentation knob only. A detection search chooses among
+        the families (each a detector recipe, :meth:`det_families_error`, which fixes the FPN's
+        finest level and its global modules), batch sizes and resolutions only."""
+        if kind == "det":
+            return {
+                "family": sorted(self.families),
+                "batch_size": list(self.batch_sizes),
+                "img_size": list(self.img_sizes),
+            }
         choices: dict[str, list[Any]] = {
             "family": sorted(self.families),
             "module": list(self.modules),
@@ -700,6 +710,24 @@ class TuneParams(Section):
         space lacks (``head`` for classification), so one default serves every task."""
         keys = {*self.choices(kind), "lr"}
         return [{k: v for k, v in point.items() if k in keys} for point in self.points_to_evaluate]
+
+    def det_families_error(self, kind: Task) -> str | None:
+        """Why the families do not fit a task ``kind``, or None: a detection search's families
+        are detector recipes (``gattn_det_*``, :func:`gattn.models.detector_recipes`), the
+        other tasks' are backbones."""
+        for name, family in sorted(self.families.items()):
+            if (kind == "det") != family.backbone.startswith(DET_RECIPE_PREFIX):
+                wanted = (
+                    "a detector recipe (gattn_det_p3, gattn_det_p2, gattn_det_p2_ppm_lk, "
+                    "gattn_det_p2_tokens)"
+                    if kind == "det"
+                    else "a backbone, not a detector recipe"
+                )
+                return (
+                    f"tune.families.{name}.backbone: {family.backbone!r} for a {kind!r} task; "
+                    f"set {wanted} (see params-tiny-det.yaml)"
+                )
+        return None
 
     def missing_in_points(self, kind: Task) -> str | None:
         """Why a point does not fix every knob of the ``kind`` search (which Ray's searcher

@@ -26,13 +26,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gattn.data import (
     CocoDetectionDataset,
+    DetTarget,
     ImageFolderDataset,
     SegmentationFolderDataset,
     SyntheticDataset,
     TorchvisionDataset,
     as_path,
+    collate_detection,
 )
-from pipelines.config import GENERATED, ParamsError, Task
+from pipelines.config import GENERATED, Task
 from pipelines.paths import COCO_SPLITS, PREPARED, SPLITS_JSON
 
 SPLITS = ("train", "val", "test")
@@ -72,19 +74,6 @@ def coco_file(prepared: Path, split: str) -> Path:
     """A detection split's COCO annotations in a prepared data folder (the images' file
     names relative to :func:`images_root`'s ``images/`` or to the root itself)."""
     return Path(prepared) / COCO_SPLITS / f"{split}.json"
-
-
-def require_supported(info: dict[str, Any], stage: str) -> None:
-    """Stop ``stage`` on a task kind it does not handle yet (detection, for now).
-
-    Raises:
-        ParamsError: the prepared data is a detection task.
-    """
-    if info.get("kind") == "det":
-        raise ParamsError(
-            f"data.task {info.get('task')!r}: detection is not yet supported by stage {stage} "
-            "(the prepare stage writes its data); use a segmentation or classification task"
-        )
 
 
 def images_root(prepared: Path, info: dict[str, Any]) -> Path:
@@ -176,26 +165,27 @@ def data_fingerprint(prepared: Path) -> str:
 
 
 def held_transform(kind: Task, size: int) -> Any:
-    """How the tune stage holds each image: resized to ``size`` x ``size`` (a mask nearest),
-    float in [0, 1]."""
+    """How the tune stage holds each image: resized to ``size`` x ``size`` (a mask nearest, a
+    detection target's boxes rescaled), float in [0, 1]."""
     from torchvision.transforms import v2
 
     from gattn.data.views import seg_eval_transform, to_float
 
     return (
         seg_eval_transform(size)
-        if kind == "seg"
+        if kind in ("seg", "det")
         else v2.Compose([v2.Resize((size, size)), to_float()])
     )
 
 
-class SkipCounted(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
+class SkipCounted(Dataset[tuple[torch.Tensor, Any, int]]):
     """A split whose samples say how many unreadable files were skipped to load them.
 
     The folder data sets read the next good sample in place of a file that fails to decode
     and count it (``replaced``, :mod:`gattn.data.datasets`); in a ``DataLoader`` worker that
     count is the worker's own copy's, so it travels with each sample instead:
-    ``(image, target, skipped)``, image and target as plain tensors.
+    ``(image, target, skipped)``, image and target as plain tensors (a detection target as
+    its ``{"boxes", "labels", "image_id"}`` dict).
     """
 
     def __init__(self, split: Split) -> None:
@@ -204,11 +194,26 @@ class SkipCounted(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    @property
+    def detection(self) -> bool:
+        """Whether the targets are detection dicts (batched by :func:`collate_counted`)."""
+        return isinstance(self.split.dataset, CocoDetectionDataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, int]:
         before = getattr(self.split.dataset, "replaced", 0)
         image, target = self.split[index]
         skipped = getattr(self.split.dataset, "replaced", 0) - before
-        return torch.as_tensor(image).as_subclass(torch.Tensor), torch.as_tensor(target), skipped
+        target = target if isinstance(target, dict) else torch.as_tensor(target)
+        return torch.as_tensor(image).as_subclass(torch.Tensor), target, skipped
+
+
+def collate_counted(
+    batch: Sequence[tuple[torch.Tensor, Any, int]],
+) -> tuple[torch.Tensor, list[DetTarget], torch.Tensor]:
+    """A batch of detection samples of :class:`SkipCounted`: stacked images, the targets as
+    a list (:func:`gattn.data.collate_detection`), the skipped counts as a tensor."""
+    images, targets = collate_detection([(image, target) for image, target, _ in batch])
+    return images, targets, torch.tensor([skipped for _, _, skipped in batch])
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,7 @@ class HeldSplit:
         split: ``train``, ``val`` or ``test``.
         limit: Images kept (None: all).
         size: The side each image is resized to.
-        kind: The task's targets, ``seg`` or ``cls``.
+        kind: The task's targets, ``seg``, ``cls`` or ``det``.
     """
 
     prepared: str
@@ -249,9 +254,10 @@ def stream(
     batch_size: int = 64,
     batches: Iterable[Sequence[int]] | None = None,
     workers: int = 0,
-) -> DataLoader[tuple[torch.Tensor, torch.Tensor, int]]:
+) -> DataLoader[tuple[torch.Tensor, Any, int]]:
     """Batches of ``data`` in order (``batch_size``), or the given index ``batches``, decoded
-    by ``workers`` processes (0: in this one); each batch is ``(images, targets, skipped)``.
+    by ``workers`` processes (0: in this one); each batch is ``(images, targets, skipped)``
+    (detection targets: a list of dicts, :func:`collate_counted`).
 
     The loader draws its workers' seeds from a generator of its own, not torch's global one,
     so reading data leaves the draws of model initialisation and dropout as they were. Images
@@ -261,6 +267,8 @@ def stream(
     """
     remote = not isinstance(getattr(data.split.dataset, "root", None), Path | None)
     options: dict[str, Any] = {"num_workers": workers, "generator": torch.Generator()}
+    if data.detection:
+        options["collate_fn"] = collate_counted
     if workers and remote:
         options["multiprocessing_context"] = "forkserver"
     if batches is not None:

@@ -1,4 +1,5 @@
-"""Classification and segmentation scores shared by the finetune and evaluate stages.
+"""Classification, segmentation and detection scores shared by the tune, finetune and evaluate
+stages.
 
 torchmetrics accumulates over batches (and, where a process group is up, across workers):
 accuracy (of images, or of labelled pixels), per-class IoU (Jaccard) with classes absent from
@@ -76,7 +77,7 @@ def score(
 @torch.no_grad()
 def score_resized(
     model: torch.nn.Module,
-    batches: Iterable[Sequence[torch.Tensor]],
+    batches: Iterable[Sequence[Any]],
     task: Task,
     size: int,
     num_classes: int,
@@ -85,9 +86,14 @@ def score_resized(
     further items ignored), the images resized to ``size`` px
     (:func:`gattn.inference.resize_input`, as in training and serving); segmentation logits
     are resized back to the targets' resolution, so models trained at any resolution are
-    scored on the same masks. ``model``'s train/eval mode is restored after."""
+    scored on the same masks; a detector is scored by :func:`score_detector`. ``model``'s
+    train/eval mode is restored after."""
     was_training = model.training
     model.eval()
+    if task == "det":
+        out = score_detector(model, batches, size)
+        model.train(was_training)
+        return out
     device = next(model.parameters()).device
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +106,31 @@ def score_resized(
     out = score(predict, pairs, task, num_classes, device)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def score_detector(
+    model: torch.nn.Module, batches: Iterable[Sequence[Any]], size: int
+) -> dict[str, Any]:
+    """COCO box mAP and its companions (:func:`gattn.metrics.score_detections`) of a detector
+    (:class:`gattn.models.Detector`, in eval mode) over ``(images, targets, ...)`` batches:
+    the images resized to ``size`` px as in training, the predicted boxes scaled back to the
+    targets' pixels."""
+    from gattn.metrics import score_detections
+
+    device = next(model.parameters()).device
+    preds: list[dict[str, torch.Tensor]] = []
+    truth: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        images, targets = batch[0], batch[1]
+        h, w = images.shape[-2:]
+        scale = torch.tensor([w / size, h / size, w / size, h / size])
+        for det in model.predict(resize_input(images, (size, size)).to(device)):  # type: ignore[operator]
+            preds.append(
+                {**{k: v.cpu() for k, v in det.items()}, "boxes": det["boxes"].cpu() * scale}
+            )
+        truth += [{"boxes": t["boxes"].cpu(), "labels": t["labels"].cpu()} for t in targets]
+    return score_detections(preds, truth)
 
 
 def class_counts(targets: torch.Tensor, num_classes: int) -> torch.Tensor:

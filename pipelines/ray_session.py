@@ -12,6 +12,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+# Ray Train's print patch tees a worker's print to stdout *and* logs it: every progress line
+# showed twice
+PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[None]:
@@ -31,7 +35,8 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
 
     started = not ray.is_initialized()
     if started and os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
+        # a cluster keeps Ray Train's preemption watcher (its nodes can be drained)
+        ray.init(configure_logging=False, runtime_env={"env_vars": {PRINT_PATCH: "0"}})
     elif started:
         quiet_benign_warnings()  # in this process; the hook does it in Ray's
         for attempt in range(3):  # a busy machine can keep the raylet past Ray's 30 s start
@@ -46,9 +51,7 @@ def local_ray(num_cpus: int | None = None, use_gpu: bool = False) -> Iterator[No
                     runtime_env={
                         "worker_process_setup_hook": WORKER_SETUP_HOOK,
                         "env_vars": {
-                            # Ray Train's print patch tees a worker's print to stdout *and*
-                            # logs it: every progress line showed twice
-                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                            PRINT_PATCH: "0",
                             # one machine has no node to drain; its watcher actor logged a
                             # core-worker error line at every Ray Train start
                             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

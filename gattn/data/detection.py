@@ -132,7 +132,9 @@ class CocoDetectionDataset(_ImageDataset):
             "image_id": im.id,
         }
 
-    def _output(self, image: Any, target: DetTarget) -> tuple[Any, DetTarget]:
+    def _output(self, image: Any, target: Any) -> tuple[Any, Any]:
+        if not isinstance(target, dict):  # the transform made its own target (a label)
+            return image, target
         return image, {
             "boxes": target["boxes"].as_subclass(torch.Tensor).float(),
             "labels": target["labels"].long(),

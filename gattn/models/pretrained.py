@@ -40,6 +40,7 @@ from torch import nn
 
 from .build import create_backbone
 from .converters import convert_state_dict, detect_layout
+from .recipes import resolve_recipe
 from .stages import InjectedStage
 from .weight_files import WEIGHT_FILES, weight_file
 
@@ -102,7 +103,9 @@ WEIGHTLESS_KWARGS = frozenset(
 def same_backbone(source: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
     """Whether two :func:`~gattn.models.build_model` configs name the same backbone (name and
     ``backbone_kwargs``, less :data:`WEIGHTLESS_KWARGS`); weights are only transferred between
-    the same architecture."""
+    the same architecture. A detector recipe's config names its recipe's backbone
+    (:func:`~gattn.models.recipes.resolve_recipe`)."""
+    source, target = resolve_recipe(source), resolve_recipe(target)
 
     def weighted(cfg: Mapping[str, Any]) -> dict[str, Any]:
         kwargs = cfg.get("backbone_kwargs") or {}

@@ -41,6 +41,8 @@ head tower, so they differ only in the levels and the global blocks:
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 import timm
@@ -256,6 +258,18 @@ DET_RECIPES: dict[str, dict[str, Any]] = {
         "global_at": "top",
     },
 }
+
+
+def resolve_recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A :func:`~gattn.models.build_model` config with its detector recipe's settings filled
+    in where it leaves them out (``backbone``, ``backbone_kwargs``...), so that what it builds
+    is explicit (e.g. which backbone a pretrained encoder must be); other configs as they are.
+    """
+    recipe = cfg.get("recipe") if cfg.get("task") == "det" else None
+    if recipe is None:
+        return dict(cfg)
+    return {**copy.deepcopy(DET_RECIPES[recipe]), **cfg}
+
 
 # timm.create_model's own arguments, passed to every entrypoint; a detector takes none of them.
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")

@@ -16,7 +16,8 @@ Ray Train V2 ``TorchTrainer`` (DDP, gloo on CPU / NCCL on GPU), AdamW with warm-
 and optional layer-wise decay, one checkpoint per epoch (safetensors weights + a
 ``weights_only`` state; a worker failure or a rerun of the same config resumes), and keeps
 the weights of the epoch with the best validation metric (mIoU for segmentation, accuracy for
-classification).
+classification, COCO box mAP for detection: the detector's own loss, boxes flipped and cropped
+with their images, :func:`gattn.data.views.det_train_transform`).
 
 Global-context feedback is trained, not only used: for a segmenter whose head takes a context
 vector, a share of the batches (``context_crop``) become one random window of the image,
@@ -53,11 +54,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gattn.data import IGNORE_INDEX
-from gattn.data.views import seg_eval_transform, seg_train_transform
-from gattn.models import Segmenter, build_model, save_model
+from gattn.data import IGNORE_INDEX, collate_detection
+from gattn.data.views import det_train_transform, seg_eval_transform, seg_train_transform
+from gattn.models import Detector, Segmenter, build_model, save_model
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import LoadReport
+from gattn.models.recipes import resolve_recipe
 from gattn.models.weight_files import sha256
 from pipelines.config import FinetuneParams, ParamsError, Task, add_params_arguments, load_params
 from pipelines.contracts import (
@@ -75,7 +77,6 @@ from pipelines.data import (
     native_size,
     open_split,
     read_splits,
-    require_supported,
     stream,
     subset,
 )
@@ -185,7 +186,8 @@ def initialise(
     """Load the weights ``init`` names (``ssl``: the ``encoder`` folder; ``hub``; a file;
     ``scratch``: none) into ``model`` (config ``cfg``) where names and shapes match
     (:func:`pipelines.init_weights.apply_init`, as the tune stage's trials start)."""
-    initial = resolve_init(init, str(cfg["backbone"]), encoder, require_encoder=True)
+    backbone = str(resolve_recipe(cfg)["backbone"])  # a detector recipe's backbone
+    initial = resolve_init(init, backbone, encoder, require_encoder=True)
     return apply_init(model, cfg, initial)
 
 
@@ -276,9 +278,19 @@ def param_groups(
     return list(groups.values())
 
 
-def train_transform(p: FinetuneParams, img_size: int) -> Any:
-    """Random crop (``crop_scale``) resized to ``img_size``, optional flip; joint for masks."""
-    return seg_train_transform(img_size, scale=p.crop_scale, hflip=p.hflip)
+def train_transform(p: FinetuneParams, img_size: int, task: Task = "seg") -> Any:
+    """Random crop (``crop_scale``) resized to ``img_size``, optional flip; joint for masks
+    and (``task`` ``det``) boxes."""
+    view = det_train_transform if task == "det" else seg_train_transform
+    return view(img_size, scale=p.crop_scale, hflip=p.hflip)
+
+
+# The validation figures of an epoch besides ``val_metric`` (:data:`pipelines.metrics.METRIC`)
+VAL_FIGURES: dict[Task, tuple[str, ...]] = {
+    "seg": ("accuracy", "miou"),
+    "cls": ("accuracy", "miou"),
+    "det": ("map_50", "map_small"),
+}
 
 
 def takes_context(model: nn.Module) -> bool:
@@ -313,9 +325,11 @@ def window_view(
 
 class FinetuneHooks(Hooks):
     """The finetune stage in the shared Ray Train loop (:func:`pipelines.train.loop.train`):
-    the searched model from its initial weights (``init``), class-balanced cross-entropy,
-    layer-wise learning-rate decay, the global-feedback windows (``context_crop``), and at the
-    end of each epoch the validation score, keeping the weights of the best epoch so far."""
+    the searched model from its initial weights (``init``), class-balanced cross-entropy (a
+    detector: its own loss, :meth:`gattn.models.Detector.loss`, on batches whose targets stay
+    lists), layer-wise learning-rate decay, the global-feedback windows (``context_crop``), and
+    at the end of each epoch the validation score (a detector's: mAP), keeping the weights of
+    the best epoch so far."""
 
     stage = "finetune"
     loss_name = "train_loss"
@@ -335,9 +349,13 @@ class FinetuneHooks(Hooks):
         model = build_model(config["model"])
         initial_weights(model, config)
         prepared = Path(config["prepared"])
-        train = subset(open_split("train", prepared, train_transform(p, size)), p.max_samples)
+        view = train_transform(p, size, self.task)
+        train = subset(open_split("train", prepared, view), p.max_samples)
         self.val = subset(open_split("val", prepared, seg_eval_transform(size)), p.max_val_samples)
-        if p.balance_classes:  # the all-background answer must not be the cheapest one
+        self.collate_fn = collate_detection if self.task == "det" else None
+        # The all-background answer must not be the cheapest one (a detector's loss takes no
+        # class weights: its focal loss balances the classes itself).
+        if p.balance_classes and self.task != "det":
             counts = torch.zeros(self.num_classes, dtype=torch.long)
             for i in range(len(train)):  # one sample at a time: memory flat in the split's size
                 counts += class_counts(torch.as_tensor(train[i][1]), self.num_classes)
@@ -364,6 +382,10 @@ class FinetuneHooks(Hooks):
     ) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
         images, targets = batch
         p = self.p
+        if self.task == "det":
+            detector = unwrap(model)
+            assert isinstance(detector, Detector)  # build_model of a det config
+            return detector.loss(model(images), targets)["loss"], len(images), []
         if self.use_context and float(torch.rand(1, generator=self.generator)) < p.context_crop:
             # Global feedback: the head sees a window, the context the whole image.
             segmenter = unwrap(model)
@@ -383,16 +405,23 @@ class FinetuneHooks(Hooks):
         return loss, len(images), []
 
     def end_epoch(self, model: nn.Module, row: dict[str, Any]) -> None:
-        model.eval()
-        val_loader = DataLoader(self.val, batch_size=self.config["batch_size"])
-        scores = score(model, val_loader, self.task, self.num_classes, self.device)
+        scores = self.validation_scores(model)
         row["val_metric"] = scores[METRIC[self.task]]
-        row["val_accuracy"] = scores["accuracy"]
-        row["val_miou"] = scores["miou"]
+        row.update({f"val_{k}": scores[k] for k in VAL_FIGURES[self.task]})
         previous = max((h["val_metric"] for h in self.history), default=-math.inf)
         if not self.best or row["val_metric"] >= previous:  # ties: the later epoch
             self.best = cpu_state_dict(model)
         self.history.append(row)
+
+    def validation_scores(self, model: nn.Module) -> dict[str, Any]:
+        """The scores of ``model`` (left in eval mode) on the validation images."""
+        model.eval()
+        loader = DataLoader(
+            self.val, batch_size=self.config["batch_size"], collate_fn=self.collate_fn
+        )
+        if self.task == "det":  # held at the training size: boxes as predicted
+            return score_resized(model, loader, "det", self.config["img_size"], self.num_classes)
+        return score(model, loader, self.task, self.num_classes, self.device)
 
     def save(self, model: nn.Module, folder: Path) -> dict[str, Any]:
         save_file(self.best, str(folder / BEST))
@@ -461,8 +490,7 @@ def loop_config(
         gattn.models.pretrained.HubUnavailableError: ``init: hub`` offline (not cached).
     """
     info = read_splits(prepared)
-    require_supported(info, "finetune")
-    task = "seg" if info["kind"] == "seg" else "cls"
+    task: Task = info["kind"]
     if entry.model.get("task", "cls") != task:
         raise ParamsError(
             f"best.json's model is for task {entry.model.get('task')!r}, data is {task!r}"
@@ -476,7 +504,8 @@ def loop_config(
     else:
         if init_kind(init) == "file":  # the workers read the file by its absolute path
             init = str(init_file(init))
-        init_hash = init_fingerprint(init, str(entry.model["backbone"]), Path(pretrained))
+        backbone = str(resolve_recipe(entry.model)["backbone"])
+        init_hash = init_fingerprint(init, backbone, Path(pretrained))
     name = run_name(p, seed, entry, data_fingerprint(prepared), init_hash)
     storage = Path(p.storage).resolve()
     return {
@@ -513,15 +542,11 @@ def best_model(
     return model, history, init
 
 
-HISTORY_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "val_metric",
-    "val_accuracy",
-    "val_miou",
-    "lr",
-    "images_per_s",
-]
+def history_columns(task: Task) -> list[str]:
+    """The columns of ``history.csv`` for a task: its validation figures between the loss
+    and the learning rate."""
+    figures = [f"val_{k}" for k in VAL_FIGURES[task]]
+    return ["epoch", "train_loss", "val_metric", *figures, "lr", "images_per_s"]
 
 
 def write_reports(
@@ -530,11 +555,14 @@ def write_reports(
     history: list[dict[str, Any]],
     init: dict[str, Any],
     metrics: dict[str, Any],
+    task: Task,
 ) -> None:
-    """``history.csv``, ``init.json`` and ``metrics.json`` under ``reports_dir``."""
+    """``history.csv`` (:func:`history_columns` of ``task``), ``init.json`` and
+    ``metrics.json`` under ``reports_dir``."""
     reports_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{c: h[c] for c in HISTORY_COLUMNS} for h in history]
-    write_csv(reports_dir / "history.csv", rows, HISTORY_COLUMNS)
+    columns = history_columns(task)
+    rows = [{c: h[c] for c in columns} for h in history]
+    write_csv(reports_dir / "history.csv", rows, columns)
     write_json(reports_dir / "init.json", {"init": p.init, **init})
     write_json(reports_dir / "metrics.json", metrics)
 
@@ -643,7 +671,7 @@ def finetune(
     save_model(model, config["model"], work, **meta.model_dump(mode="json", exclude={"registered"}))
     init = report.to_dict()
     metrics = stage_metrics(meta, history, init, wall, comparison)
-    write_reports(Path(reports_dir), p, history, init, metrics)
+    write_reports(Path(reports_dir), p, history, init, metrics, task)
     check_against_search(comparison, p.search_tolerance)
     registered = register_model(work, model_name) if model_name else None  # last
     publish_dir(work, Path(out_dir))

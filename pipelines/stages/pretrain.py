@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,6 @@ from pipelines.data import (
     data_fingerprint,
     open_split,
     read_splits,
-    require_supported,
     subset,
 )
 from pipelines.io import publish_dir, staging_dir, write_csv, write_json
@@ -81,11 +81,21 @@ NOT_TRAINING = {"probe", "log_every_n_steps"}  # params that leave the run name 
 STEP_STATS = ("teacher_entropy", "teacher_kl_to_mean")  # DINO's per-step collapse diagnostics
 
 
+def image_label(target: Any) -> torch.Tensor:
+    """The image-level label of a sample's target, the only target pretraining and its probe
+    use: a segmentation mask's most frequent foreground class
+    (:func:`gattn.ssl.probe.image_labels`), a detection target's most frequent box label (the
+    lowest on a tie; 0 for an image without boxes)."""
+    if isinstance(target, Mapping):
+        labels = torch.as_tensor(target["labels"]).long()
+        return torch.bincount(labels).argmax() if labels.numel() else torch.tensor(0)
+    return image_labels(torch.as_tensor(target)[None])[0]
+
+
 class ImageOnly:
-    """Apply a view to the image of a sample; a segmentation mask becomes its image-level label
-    (:func:`gattn.ssl.probe.image_labels`, the only target pretraining and its probe use), so
-    samples of any size batch together (your own images keep their sizes, and so their
-    masks)."""
+    """Apply a view to the image of a sample; its target becomes its image-level label
+    (:func:`image_label`), so samples of any size batch together (your own images keep their
+    sizes, and so their masks and boxes)."""
 
     def __init__(self, view: Any) -> None:
         self.view = view
@@ -94,8 +104,7 @@ class ImageOnly:
         out = self.view(image)
         if not target:
             return out
-        mask = torch.as_tensor(target[0])
-        return out, image_labels(mask[None])[0]
+        return out, image_label(target[0])
 
 
 def run_name(p: PretrainParams, seed: int, data: str = "") -> str:
@@ -437,7 +446,6 @@ def pretrain(
             of this (1-based) epoch; the run must resume from the previous checkpoint.
     """
     prepared, out_dir, reports_dir = Path(prepared), Path(out_dir), Path(reports_dir)
-    require_supported(read_splits(prepared), "pretrain")
     storage = Path(p.storage).resolve()
     name = run_name(p, seed, data_fingerprint(prepared))
     cfg = encoder_config(p)

@@ -30,7 +30,13 @@ from torch import nn
 from gattn.models.io import cpu_state_dict
 from gattn.ssl.schedules import warmup_cosine
 from pipelines.data import Split
-from pipelines.train.trainer import begin_epoch, checkpoint_dir, mean_over_workers, worker_loader
+from pipelines.train.trainer import (
+    Collate,
+    begin_epoch,
+    checkpoint_dir,
+    mean_over_workers,
+    worker_loader,
+)
 
 WEIGHTS, STATE, HISTORY = "model.safetensors", "state.pt", "history.json"
 
@@ -66,11 +72,14 @@ class Hooks:
         stage: The stage's name, which starts its per-epoch progress line.
         loss_name: The name of the mean loss in an epoch's row.
         stat_names: Further per-image figures :meth:`loss` returns, averaged per epoch.
+        collate_fn: How the training loader batches samples, set by :meth:`build` where the
+            default does not (detection targets of different box counts).
     """
 
     stage = "train"
     loss_name = "loss"
     stat_names: tuple[str, ...] = ()
+    collate_fn: Collate | None = None  # how the training loader batches samples (None: torch's)
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -208,7 +217,9 @@ def train(hooks: Hooks, threads: int) -> None:
     hooks.rank, hooks.world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(hooks.config["seed"])
     model, dataset, batch_size = hooks.build()
-    loader, hooks.steps_per_epoch = worker_loader(dataset, batch_size, hooks.world)
+    loader, hooks.steps_per_epoch = worker_loader(
+        dataset, batch_size, hooks.world, hooks.collate_fn
+    )
     hooks.total_steps = hooks.epochs * hooks.steps_per_epoch
     state = _restore(model, hooks)
     hooks.start_epoch = state["epoch"] if state else 0

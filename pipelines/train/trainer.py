@@ -21,13 +21,21 @@ from torch.utils.data import DataLoader
 
 from pipelines.data import Sample, Split
 
+Collate = Callable[[list[Sample]], Any]  # how a loader batches samples
 
-def worker_loader(dataset: Split, batch_size: int, world: int) -> tuple[DataLoader[Sample], int]:
+
+def worker_loader(
+    dataset: Split, batch_size: int, world: int, collate_fn: Collate | None = None
+) -> tuple[DataLoader[Sample], int]:
     """A shuffling loader over ``dataset`` for one of ``world`` workers (before
     ``prepare_data_loader`` shards it) and the steps one epoch takes per worker. The last
-    partial batch is dropped only when every worker still gets a full one."""
+    partial batch is dropped only when every worker still gets a full one; ``collate_fn``
+    batches the samples (None: torch's default; detection: :func:`gattn.data.collate_detection`).
+    """
     drop_last = len(dataset) >= batch_size * world
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, collate_fn=collate_fn
+    )
     n = len(dataset)
     steps = n // world // batch_size if drop_last else math.ceil(n / world / batch_size)
     return loader, steps

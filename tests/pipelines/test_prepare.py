@@ -172,19 +172,6 @@ def test_prepare_tiny_det(tiny_det: tuple[Path, dict]) -> None:
     assert (tmp / "reports" / "samples.png").stat().st_size > 1000
 
 
-def test_later_stages_refuse_detection(tiny_det: tuple[Path, dict]) -> None:
-    from pipelines.config import ParamsError, PretrainParams, TuneParams
-    from pipelines.stages.pretrain import pretrain
-    from pipelines.stages.tune.stage import data_context
-
-    out = tiny_det[0] / "prepared"
-    message = r"data\.task 'tiny-det': detection is not yet supported by stage {}"
-    with pytest.raises(ParamsError, match=message.format("pretrain")):
-        pretrain(PretrainParams(), prepared=out, out_dir=out / "no")
-    with pytest.raises(ParamsError, match=message.format("tune")):
-        data_context(out, None, TuneParams(), 0)
-
-
 def test_prepare_folder_det_counts_corrupt_files(tmp_path: Path, capsys) -> None:
     root = tmp_path / "photos"
     images, annotations = [], []

@@ -3,8 +3,10 @@
 A sample (a dict of the knobs :meth:`pipelines.config.TuneParams.choices` lists, plus ``lr``)
 becomes a :func:`gattn.models.build_model` config (:func:`model_config`): the family's
 backbone, the registry block injected after the last or second-last stage (how large, how
-many, fused or plain attention), the decode head for segmentation. The block and head names
-are checked against the registries before the sweep starts (:func:`check_params`).
+many, fused or plain attention), the decode head for segmentation; for detection, the
+family's detector recipe (which fixes the FPN's finest level and global modules). The block
+and head names are checked against the registries before the sweep starts
+(:func:`check_params`).
 """
 
 from __future__ import annotations
@@ -63,8 +65,16 @@ def model_config(
 
     ``position`` ``last`` injects after the backbone's last stage, ``second_last`` after the
     one before (the first stage when there is only one); ``num_blocks`` copies of the block.
+    A detection family's ``backbone`` is a detector recipe, built as it is (its own
+    ``backbone_kwargs``, if any, replace the recipe's).
     """
     family = p.families[sample["family"]]
+    if task == "det":
+        det = {"task": task, "recipe": family.backbone, "num_classes": num_classes}
+        det.update(in_chans=in_chans, img_size=int(sample["img_size"]))
+        if family.backbone_kwargs:
+            det["backbone_kwargs"] = dict(family.backbone_kwargs)
+        return det
     cfg: dict[str, Any] = {
         "task": task,
         "backbone": family.backbone,
@@ -91,7 +101,7 @@ def model_config(
 def summary(sample: Mapping[str, Any]) -> str:
     """A one-line description of a sample, e.g. ``vit +global_attn(large,plain)x2@last``."""
     text = sample["family"]
-    if sample["module"] != "none":
+    if sample.get("module", "none") != "none":  # a detection search has no module knob
         impl = f",{sample['attn_impl']}" if sample["module"] in ATTENTION_BLOCKS else ""
         text += (
             f" +{sample['module']}({sample['module_size']}{impl})x{sample['num_blocks']}"

@@ -17,13 +17,13 @@ from typing import Any, cast
 
 import torch
 
-from pipelines.config import TuneParams, add_params_arguments, load_params
+from gattn.models import DET_RECIPES
+from pipelines.config import ParamsError, TuneParams, add_params_arguments, load_params
 from pipelines.data import (
     HeldSplit,
     held_split,
     native_size,
     read_splits,
-    require_supported,
     stream,
 )
 from pipelines.init_weights import InitWeights, resolve_init
@@ -42,13 +42,17 @@ def family_inits(p: TuneParams, pretrained: Path | None) -> dict[str, InitWeight
     inits: dict[str, InitWeights] = {}
     read: dict[tuple[str, str], InitWeights] = {}
     for name, family in sorted(p.families.items()):
-        key = (family.init, family.backbone if family.init == "hub" else "")
+        backbone = family_backbone(family.backbone)
+        key = (family.init, backbone if family.init == "hub" else "")
         if key not in read:
-            read[key] = resolve_init(
-                family.init, family.backbone, pretrained, require_encoder=False
-            )
+            read[key] = resolve_init(family.init, backbone, pretrained, require_encoder=False)
         inits[name] = read[key]
     return inits
+
+
+def family_backbone(name: str) -> str:
+    """The timm backbone of a family: its ``backbone``, or a detector recipe's."""
+    return str(DET_RECIPES[name]["backbone"]) if name in DET_RECIPES else name
 
 
 def split_class_counts(held: HeldSplit, num_classes: int, workers: int = 0) -> torch.Tensor:
@@ -73,14 +77,16 @@ def data_context(prepared: Path, pretrained: Path | None, p: TuneParams, seed: i
     family's initial weights (:func:`family_inits`; ``pretrained``: the pretrain stage's
     folder, for ``ssl``) and the device. Nothing here grows with the data set."""
     info = read_splits(prepared)
-    require_supported(info, "tune")
+    problem = p.det_families_error(info["kind"])
+    if problem:
+        raise ParamsError(f"{problem} (data.task {info['task']!r})")
     inits = family_inits(p, pretrained)  # a missing file fails before the data loads
     num_classes = len(info["classes"])
     size = native_size(prepared, max(p.img_sizes))  # your images: any sizes, held at the largest
     train = held_split(prepared, "train", p.max_train_samples, size)
     val = held_split(prepared, "val", p.max_val_samples, size)
     weight = None
-    if p.balance_classes:
+    if p.balance_classes and train.kind != "det":  # a detector's focal loss takes no weights
         weight = class_weights(split_class_counts(train, num_classes, p.loader_workers))
     use_gpu = p.gpus_per_trial > 0 and torch.cuda.is_available()
     return TrialContext(

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gattn.budget import estimate_peak_memory, peak_memory, train_step
+from gattn.data import DetTarget
 from gattn.inference.preprocess import resize_input
 from gattn.models import build_model
 from gattn.models.io import cpu_state_dict
@@ -54,10 +55,35 @@ ReportModel = Callable[[dict[str, Any], nn.Module], None]
 """Receives an epoch's metrics with the model as that epoch left it."""
 
 
-def _resize_targets(y: torch.Tensor, size: int) -> torch.Tensor:
+Targets = torch.Tensor | list[DetTarget]
+"""A batch's targets: labels, masks, or (detection) a ``{"boxes", "labels"}`` dict per image."""
+
+
+def _resize_targets(y: Targets, size: int, source: int) -> Targets:
+    """Targets of images resized from ``source`` to ``size`` px (masks nearest, boxes scaled)."""
+    if isinstance(y, list):
+        return [{"boxes": t["boxes"] * (size / source), "labels": t["labels"]} for t in y]
     if y.ndim == 1 or y.shape[-1] == size:
         return y
     return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+
+
+def _to(y: Targets, device: torch.device) -> Targets:
+    if isinstance(y, list):
+        return [{k: v.to(device) for k, v in t.items()} for t in y]
+    return y.to(device)
+
+
+def _tensors(y: Targets) -> list[torch.Tensor]:
+    return [v for t in y for v in t.values()] if isinstance(y, list) else [y]
+
+
+def _at_size(
+    images: torch.Tensor, targets: Targets, size: int, device: torch.device
+) -> tuple[torch.Tensor, Targets]:
+    """A streamed batch resized to ``size`` px, on ``device``."""
+    x = resize_input(images, (size, size)).to(device)
+    return x, _to(_resize_targets(targets, size, images.shape[-1]), device)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -66,32 +92,38 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(full)]
 
 
-def _flip(
-    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _flip(x: torch.Tensor, y: Targets, gen: torch.Generator) -> tuple[torch.Tensor, Targets]:
     if torch.rand((), generator=gen) < 0.5:
         x = x.flip(-1)
-        y = y.flip(-1) if y.ndim > 1 else y
+        y = _mirrored(y, x.shape[-1]) if isinstance(y, list) else y.flip(-1) if y.ndim > 1 else y
     return x, y
+
+
+def _mirrored(y: list[DetTarget], width: int) -> list[DetTarget]:
+    """Detection targets of horizontally flipped images ``width`` px wide."""
+    sign, shift = torch.tensor([-1.0, 1, -1, 1]), torch.tensor([width, 0.0, width, 0])
+    return [{**t, "boxes": t["boxes"][:, [2, 1, 0, 3]] * sign + shift} for t in y]
 
 
 def measured_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: Targets,
     weight: torch.Tensor | None,
 ) -> int:
     """One training step under :func:`gattn.budget.peak_memory` (batch, model and optimizer
     state counted); returns its peak bytes."""
     return peak_memory(
-        lambda: train_step(model, optimizer, x, y, weight), [model, optimizer, x, y], x.device
+        lambda: train_step(model, optimizer, x, y, weight),
+        [model, optimizer, x, *_tensors(y)],
+        x.device,
     )
 
 
 def _counting(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], row: dict[str, Any]
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    batches: Iterable[tuple[torch.Tensor, Targets, torch.Tensor]], row: dict[str, Any]
+) -> Iterator[tuple[torch.Tensor, Targets, torch.Tensor]]:
     """``batches`` (of :func:`pipelines.data.stream`) as they come, adding their skipped
     samples to ``row["skipped"]``."""
     for batch in batches:
@@ -113,7 +145,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """One epoch of random-flip training at ``size`` px over ``data`` in a random order
     (read as a stream by ``workers`` loader processes; loss weighted per class by ``weight``,
-    if given; ``scheduler`` stepped after every optimizer step).
+    if given; ``scheduler`` stepped after every optimizer step). A detector's boxes are
+    flipped and scaled with its images, and its loss is its own
+    (:meth:`gattn.models.Detector.loss`, via :func:`gattn.budget.train_step`).
 
     With ``measure``, the second step (the first has created the optimizer state) is run
     under :func:`gattn.budget.peak_memory` and left out of the timing.
@@ -127,8 +161,7 @@ def train_epoch(
     out["skipped"] = 0.0
     batches = stream(data, batches=_batches(len(data), batch_size, gen), workers=workers)
     for images, targets, _ in _counting(batches, out):
-        x, y = _flip(images, targets, gen)
-        x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
+        x, y = _at_size(*_flip(images, targets, gen), size, device)
         if measure and out["steps"] == 1:
             out["peak_bytes"] = float(measured_step(model, optimizer, x, y, weight))
         else:
@@ -159,15 +192,16 @@ class TrialContext:
     Attributes:
         params: The ``tune`` section.
         seed: The global seed (initialisation and data order of every trial).
-        kind: The task's targets: ``seg`` (masks) or ``cls`` (labels).
+        kind: The task's targets: ``seg`` (masks), ``cls`` (labels) or ``det`` (boxes).
         num_classes: Classes of the prepared data.
         in_chans: Image channels.
         train: The training images, at the size the data are held at
             (:class:`pipelines.data.HeldSplit`): each trial reads its own batches from the
             files and resizes them to its resolution.
         val: The validation images, the same way.
-        class_weight: The loss weight of each class (``tune.balance_classes``; None: none),
-            counted once over the training split.
+        class_weight: The loss weight of each class (``tune.balance_classes``; None: none,
+            and always for a detector, whose focal loss takes none), counted once over the
+            training split.
         inits: Each family's initial weights (``tune.families.<name>.init``, resolved once
             by :func:`pipelines.init_weights.resolve_init`); a family without an entry starts
             from scratch.
@@ -275,8 +309,8 @@ def first_batch_peak(
     """:func:`measured_step` on the first batch at ``size`` px: the peak of a trial whose epoch
     is one step (:func:`train_epoch` measures its second step, taken with optimizer state)."""
     device = next(model.parameters()).device
-    x, y, _ = next(iter(stream(data, batch_size)))
-    x, y = resize_input(x, (size, size)).to(device), _resize_targets(y, size).to(device)
+    images, targets, _ = next(iter(stream(data, batch_size)))
+    x, y = _at_size(images, targets, size, device)
     return float(measured_step(model, optimizer, x, y, weight))
 
 
