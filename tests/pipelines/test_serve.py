@@ -394,7 +394,7 @@ def test_predict_client(server: Server, tmp_path: Path, capsys: pytest.CaptureFi
 # Detection: boxes in JSON, bad input refused as for the other tasks, boxes drawn by the client.
 
 
-def test_detector_answers_boxes_like_offline(server: Server) -> None:
+def test_detector_answers_boxes_like_offline_and_explains_them(server: Server) -> None:
     image = random_image(DET_SIZE, DET_SIZE, 20)
     status, _, out = request(f"{server.url}/det/v1/predict", encode(image))
     assert status == 200, out
@@ -418,6 +418,12 @@ def test_detector_answers_boxes_like_offline(server: Server) -> None:
     assert status == 200 and out["sliding_window"] and out["tta"], out
     boxes = np.array([b["box"] for b in out["boxes"]])
     assert (boxes >= 0).all() and (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 150).all()
+
+    status, _, out = request(f"{server.url}/det/v1/explain?target=1", encode(large))
+    assert status == 200 and (out["method"], out["label"]) == ("grad_cam", CLASSES[1]), out
+    assert decode_png(out["heatmap_png"]).shape == (150, 130, 3)
+    status, _, out = request(f"{server.url}/det/v1/explain?method=rollout", encode(large))
+    assert status == 422 and "rollout" in out["detail"]
 
 
 @pytest.mark.parametrize("case", ["garbage bytes", "truncated jpeg", "over pixel limit"])
