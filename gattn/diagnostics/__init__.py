@@ -1,6 +1,9 @@
-"""Diagnostics: what a model looks at and how far it sees, as numbers and pictures."""
+"""Diagnostics: what a model looks at and how far it sees, as numbers and pictures.
 
-from .detection import DetectionScores, FinestClassMap, top_class
+A detector's Grad-CAM targets live in :mod:`gattn.diagnostics.detection`, imported from there:
+they need :mod:`gattn.models`, which the drawing helpers here (used by the data stage) do not.
+"""
+
 from .erf import ReceptiveField, area_ratios, effective_receptive_field
 from .grad_cam import grad_cam
 from .plots import (
@@ -15,8 +18,6 @@ from .plots import (
 from .rollout import attention_rollout, capture_attention, rollout, rollout_map
 
 __all__ = [
-    "DetectionScores",
-    "FinestClassMap",
     "ReceptiveField",
     "area_ratios",
     "attention_rollout",
@@ -32,5 +33,4 @@ __all__ = [
     "rollout_map",
     "sample_grid",
     "save_figure",
-    "top_class",
 ]

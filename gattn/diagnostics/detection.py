@@ -15,11 +15,13 @@ found on.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from gattn.models.detector import Detector
-from gattn.models.fcos import flatten_levels
+if TYPE_CHECKING:  # gattn.diagnostics stays light: the prepare stage draws with it
+    from gattn.models.detector import Detector
 
 
 class DetectionScores(nn.Module):
@@ -35,6 +37,8 @@ class DetectionScores(nn.Module):
         self.detector = detector
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gattn.models.fcos import flatten_levels
+
         out = self.detector(x)
         logits = flatten_levels(out.cls_logits)  # (B, N, K)
         with torch.no_grad():

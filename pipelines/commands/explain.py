@@ -9,7 +9,7 @@ foreground class, for a classifier to its prediction.
 
 A detector is explained by Grad-CAM (rollout does not apply: its score is not a token's) of a
 detection score: the class's logit at the location of its top detection (the highest-scoring
-box of that class, over every FPN level; :class:`gattn.diagnostics.DetectionScores`), the
+box of that class, over every FPN level; :class:`gattn.diagnostics.detection.DetectionScores`), the
 target class defaulting to the top detection's. The map is computed at the image's own size,
 as the detector is served.
 

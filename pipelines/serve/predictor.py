@@ -26,7 +26,7 @@ Test-time augmentation (:func:`gattn.inference.tta`, :func:`gattn.inference.tta_
 boxes) wraps any of these. Explanations are attention rollout (Abnar & Zuidema 2020) for
 models with attention layers, else Grad-CAM (Selvaraju et al. 2017) on the backbone's last
 feature map; for a detector, Grad-CAM of its top detection's class logit at that detection's
-location (:class:`gattn.diagnostics.DetectionScores`).
+location (:class:`gattn.diagnostics.detection.DetectionScores`).
 """
 
 from __future__ import annotations
@@ -43,13 +43,8 @@ from PIL import Image
 from timm.layers import PatchEmbed
 from torch import nn
 
-from gattn.diagnostics import (
-    DetectionScores,
-    attention_rollout,
-    grad_cam,
-    rollout_map,
-    top_class,
-)
+from gattn.diagnostics import attention_rollout, grad_cam, rollout_map
+from gattn.diagnostics.detection import DetectionScores, top_class
 from gattn.inference import (
     BoxRunner,
     InputTransform,
@@ -409,7 +404,7 @@ class Predictor:
                 ``"grad_cam"``, or ``"auto"``: rollout where it applies, else Grad-CAM.
             target: Class to explain (Grad-CAM); default :meth:`default_target`. For a
                 detector, the score explained is the class's logit at its top detection's
-                location (:class:`gattn.diagnostics.DetectionScores`).
+                location (:class:`gattn.diagnostics.detection.DetectionScores`).
 
         Returns:
             ``(method used, map (h, w) at any resolution, target class)``.

@@ -30,7 +30,7 @@ faster-coco-eval): mAP, AP50, AP75, AP_small, AP_medium, AP_large, AR@100 and AP
 wall time per image (median, after a warm-up); and the effective receptive field of the
 model (Luo et al. 2016): the shares of the input area holding 20/50/99% of the centre
 output's gradient, this project's "how global" number (a detector's: of its finest level's
-class logits, :class:`gattn.diagnostics.FinestClassMap`).
+class logits, :class:`gattn.diagnostics.detection.FinestClassMap`).
 
 Reads ``evaluate`` (and ``tracking``) from params.yaml, ``models/finetuned/`` (or
 ``evaluate.model``: a registry URI or a folder) and ``data/prepared/``. Writes
@@ -56,13 +56,13 @@ import torch
 from torch import nn
 
 from gattn.diagnostics import (
-    FinestClassMap,
     confusion_matrix,
     effective_receptive_field,
     heatmap,
     sample_grid,
     save_figure,
 )
+from gattn.diagnostics.detection import FinestClassMap
 from gattn.diagnostics.grad_cam import to_nchw
 from gattn.inference import (
     BoxRunner,

@@ -169,7 +169,7 @@ def test_timm_resnet_matches_a_plain_reference_at_in_place_layers(resnet18, laye
 
 
 def test_detection_scores_are_the_logits_at_the_top_detections() -> None:
-    from gattn.diagnostics import DetectionScores, FinestClassMap, top_class
+    from gattn.diagnostics.detection import DetectionScores, FinestClassMap, top_class
     from gattn.models import build_model
     from gattn.models.fcos import flatten_levels
 
