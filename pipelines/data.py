@@ -244,9 +244,10 @@ class HeldSplit:
 
 
 def held_split(prepared: Path, split: str, limit: int | None, size: int) -> HeldSplit:
-    """:class:`HeldSplit` of a prepared data folder (its task kind read from ``splits.json``)."""
+    """:class:`HeldSplit` of a prepared data folder (its task kind read from ``splits.json``),
+    named by its absolute path: Ray Tune runs each trial in a folder of its own."""
     kind: Task = read_splits(prepared)["kind"]
-    return HeldSplit(str(prepared), split, limit, size, kind)
+    return HeldSplit(str(Path(prepared).resolve()), split, limit, size, kind)
 
 
 def stream(

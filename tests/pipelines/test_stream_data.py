@@ -73,3 +73,14 @@ def test_a_stream_batches_the_split_with_its_skips(photos: Path) -> None:
     assert [int(b[2].sum()) for b in batches] == [1] + [0] * (len(batches) - 1)
     counts = stage.split_class_counts(held, 2)
     assert int(counts.sum()) == len(held.open())
+
+
+def test_a_split_named_relative_to_the_stage_opens_from_a_trial_folder(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stages name ``data/prepared`` relative to the project; Ray Tune runs each trial in
+    a folder of its own, where the split must still open."""
+    monkeypatch.chdir(photos.parent)
+    held = held_split(Path(photos.name), "train", 4, 32)
+    monkeypatch.chdir(tmp_path)  # as a trial: elsewhere
+    assert len(held.open()) == 4
