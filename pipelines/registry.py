@@ -28,7 +28,7 @@ import numpy as np
 
 from gattn.models.io import CONFIG, WEIGHTS, read_config
 from pipelines.io import write_json
-from pipelines.pyfunc_model import MODEL_ARTIFACT
+from pipelines.pyfunc_model import MAX_DETECTIONS, MODEL_ARTIFACT
 from pipelines.tracking import tracking_uri
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -44,13 +44,15 @@ def requirements() -> list[str]:
 
 def signature(cfg: dict[str, Any]) -> Any:
     """Tensor signature of a model folder's config: float32 ``(B, C, H, W)`` images in,
-    logits ``(B, K, H, W)`` (seg) or ``(B, K)`` (cls) out."""
+    logits ``(B, K, H, W)`` (seg) or ``(B, K)`` (cls) out, or detections ``(B, MAX_DETECTIONS,
+    6)`` (det: :mod:`pipelines.pyfunc_model`)."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     model = cfg["model"]
     k = int(model["num_classes"])
-    out_shape = (-1, k, -1, -1) if model.get("task", "cls") == "seg" else (-1, k)
+    task = model.get("task", "cls")
+    out_shape = {"seg": (-1, k, -1, -1), "det": (-1, MAX_DETECTIONS, 6)}.get(task, (-1, k))
     f32 = np.dtype("float32")
     return ModelSignature(
         inputs=Schema([TensorSpec(f32, (-1, int(model.get("in_chans", 3)), -1, -1))]),

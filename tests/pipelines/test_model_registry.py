@@ -88,3 +88,35 @@ def test_resolve_checks_paths_and_uris(tmp_path: Path, model_dir: Path):
         resolve_model(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
         resolve_model("models:/a/b/c")
+
+
+@pytest.mark.slow
+def test_detector_pyfunc_returns_padded_detections(tmp_path: Path):
+    """A registered detector's pyfunc answers the detections of ``Detector.predict``, padded
+    to a fixed ``(B, MAX_DETECTIONS, 6)``, as its signature declares."""
+    from pipelines.pyfunc_model import MAX_DETECTIONS
+    from pipelines.registry import signature
+
+    cfg = {"task": "det", "recipe": "gattn_det_p2", "num_classes": 2, "img_size": 64}
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # a head biased to fire, so that some boxes pass the threshold
+        for m in model.modules():
+            if hasattr(m, "cls_logits") and isinstance(m.cls_logits, torch.nn.Conv2d):
+                m.cls_logits.bias.fill_(2.0)
+    folder = save_model(model, cfg, tmp_path / "det", classes=["a", "b"], img_size=64)
+    loaded, saved = load_model(folder)
+    x = torch.rand(2, 3, 64, 64)
+    expected = loaded.predict(x, max_det=MAX_DETECTIONS)
+    with tracking.stage_run("finetune", {}, "gattn", root=tmp_path):
+        register(folder, "det")
+    out = mlflow.pyfunc.load_model("models:/det@champion").predict(x.numpy())
+    assert out.shape == (2, MAX_DETECTIONS, 6) and out.dtype == np.float32
+    assert signature(saved).outputs.inputs[0].shape == (-1, MAX_DETECTIONS, 6)
+    for rows, p in zip(out, expected, strict=True):
+        n = len(p["scores"])
+        assert n > 0
+        np.testing.assert_allclose(rows[:n, :4], p["boxes"].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(rows[:n, 4], p["scores"].numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(rows[:n, 5], p["labels"].numpy())
+        assert (rows[n:, :5] == 0).all() and (rows[n:, 5] == -1).all()
