@@ -20,10 +20,11 @@ classification, COCO box mAP for detection: the detector's own loss, boxes flipp
 with their images, :func:`gattn.data.views.det_train_transform`).
 
 Global-context feedback is trained, not only used: for a segmenter whose head takes a context
-vector, a share of the batches (``context_crop``) become one random window of the image,
-resized to the input size, while the context comes from the whole image (what
-:func:`gattn.inference.sliding_window` with ``global_context="auto"`` gives each window of a
-large image). The head's context projection starts at zero, so without this it would stay an
+vector, and for a detector, a share of the batches (``context_crop``) become one random window
+of the image (masks or boxes cut with it), resized to the input size, while the context comes
+from the whole image (what :func:`gattn.inference.sliding_window` with
+``global_context="auto"`` and :func:`gattn.inference.sliding_window_detect` give each window
+of a large image). The context projection starts at zero, so without this it would stay an
 unused no-op.
 
 Reads ``seed``, ``tracking``, ``finetune`` from params.yaml, ``models/tune/best.json`` (and,
@@ -57,6 +58,7 @@ from torch.utils.data import DataLoader
 from gattn.data import IGNORE_INDEX, collate_detection
 from gattn.data.views import det_train_transform, seg_eval_transform, seg_train_transform
 from gattn.models import Detector, Segmenter, build_model, save_model
+from gattn.models.fcos import Target
 from gattn.models.io import CONFIG, cpu_state_dict, read_config
 from gattn.models.pretrained import LoadReport
 from gattn.models.recipes import resolve_recipe
@@ -294,11 +296,25 @@ VAL_FIGURES: dict[Task, tuple[str, ...]] = {
 
 
 def takes_context(model: nn.Module) -> bool:
-    """Whether ``model`` is a segmenter whose head fuses a ``global_context`` vector."""
+    """Whether ``model`` fuses a ``global_context`` vector: a segmenter whose head has a
+    context projection, or a detector (its own projection)."""
     head = getattr(model, "head", None)
     return callable(getattr(model, "encode_context", None)) and (
         getattr(head, "context_proj", None) is not None
+        or getattr(model, "context_proj", None) is not None
     )
+
+
+def _window(
+    shape: tuple[int, int], scale: tuple[float, float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """A random square-ish window ``(x, y, w, h)`` of ``scale`` of the area of ``shape``."""
+    H, W = shape
+    side = float(torch.empty(1).uniform_(*scale, generator=generator)) ** 0.5
+    h, w = max(1, round(H * side)), max(1, round(W * side))
+    y = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+    x = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+    return x, y, w, h
 
 
 def window_view(
@@ -311,16 +327,40 @@ def window_view(
     to the batch's size (images bilinear, masks nearest): what a sliding window sees of a
     larger image of the same scene."""
     H, W = images.shape[-2:]
-    side = float(torch.empty(1).uniform_(*scale, generator=generator)) ** 0.5
-    h, w = max(1, round(H * side)), max(1, round(W * side))
-    y = int(torch.randint(0, H - h + 1, (1,), generator=generator))
-    x = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+    x, y, w, h = _window((H, W), scale, generator)
     crop = F.interpolate(
         images[..., y : y + h, x : x + w], size=(H, W), mode="bilinear", align_corners=False
     )
     mask = targets[:, None, y : y + h, x : x + w].float()
     mask = F.interpolate(mask, size=(H, W), mode="nearest")[:, 0].long()
     return crop, mask
+
+
+def window_view_boxes(
+    images: torch.Tensor,
+    targets: list[Target],
+    scale: tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[Target]]:
+    """:func:`window_view` for detection targets: the boxes shifted into the window, clipped
+    to it and scaled with it; those left under 1 px wide or high are dropped with their labels
+    (the rule of :func:`gattn.data.views.det_train_transform`)."""
+    H, W = images.shape[-2:]
+    x, y, w, h = _window((H, W), scale, generator)
+    crop = F.interpolate(
+        images[..., y : y + h, x : x + w], size=(H, W), mode="bilinear", align_corners=False
+    )
+    shift = torch.tensor([x, y, x, y], dtype=torch.float32)
+    limit = torch.tensor([w, h, w, h], dtype=torch.float32)
+    factor = torch.tensor([W / w, H / h, W / w, H / h], dtype=torch.float32)
+    views: list[Target] = []
+    for t in targets:
+        boxes = t["boxes"].float()
+        inside = (boxes - shift.to(boxes.device)).clamp(min=0).minimum(limit.to(boxes.device))
+        boxes = inside * factor.to(boxes.device)
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        views.append({**t, "boxes": boxes[keep], "labels": t["labels"][keep]})
+    return crop, views
 
 
 class FinetuneHooks(Hooks):
@@ -360,7 +400,7 @@ class FinetuneHooks(Hooks):
             for i in range(len(train)):  # one sample at a time: memory flat in the split's size
                 counts += class_counts(torch.as_tensor(train[i][1]), self.num_classes)
             self.weight = class_weights(counts)
-        self.use_context = p.context_crop > 0 and self.task == "seg" and takes_context(model)
+        self.use_context = p.context_crop > 0 and self.task != "cls" and takes_context(model)
         self.generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.rank)
         return model, train, config["batch_size"]
 
@@ -385,7 +425,16 @@ class FinetuneHooks(Hooks):
         if self.task == "det":
             detector = unwrap(model)
             assert isinstance(detector, Detector)  # build_model of a det config
-            return detector.loss(model(images), targets)["loss"], len(images), []
+            if self.use_context and float(torch.rand(1, generator=self.generator)) < p.context_crop:
+                # Global feedback: the detector sees a window, the context the whole image.
+                context = detector.encode_context(images)
+                images, targets = window_view_boxes(
+                    images, targets, p.context_crop_scale, self.generator
+                )
+                outputs = model(images, global_context=context)
+            else:
+                outputs = model(images)
+            return detector.loss(outputs, targets)["loss"], len(images), []
         if self.use_context and float(torch.rand(1, generator=self.generator)) < p.context_crop:
             # Global feedback: the head sees a window, the context the whole image.
             segmenter = unwrap(model)

@@ -109,3 +109,56 @@ def test_finetune_trains_a_detector_that_loads_back(
     model.eval()
     (found,) = model.predict(torch.rand(1, 3, 64, 64))
     assert found["boxes"].shape[-1] == 4
+
+
+def test_window_view_boxes_matches_torchvision_resized_crop() -> None:
+    """The global-feedback window of a detection batch cuts images and boxes as torchvision's
+    ``resized_crop`` + clamp + 1 px sanitising does (the independent reference)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipelines.stages.finetune import _window, window_view_boxes
+
+    size, scale = (48, 64), (0.1, 0.5)
+    images = torch.rand(2, 3, *size)
+    boxes = torch.tensor([[0, 0, 10, 10], [20, 5, 40, 30], [50, 40, 64, 48], [30, 20, 33, 23.0]])
+    targets = [
+        {"boxes": boxes, "labels": torch.tensor([0, 1, 2, 1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
+    kept, dropped = 0, 0
+    for seed in range(8):
+        crop, views = window_view_boxes(images, targets, scale, torch.Generator().manual_seed(seed))
+        x, y, w, h = _window(size, scale, torch.Generator().manual_seed(seed))
+        ref_images = TF.resized_crop(images, y, x, h, w, list(size), antialias=False)
+        torch.testing.assert_close(crop, ref_images)
+        for target, view in zip(targets, views, strict=True):
+            bb = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=size)
+            ref = TF.clamp_bounding_boxes(TF.resized_crop(bb, y, x, h, w, list(size)))
+            ref = ref.as_subclass(torch.Tensor)
+            keep = ((ref[:, 2] - ref[:, 0]) >= 1) & ((ref[:, 3] - ref[:, 1]) >= 1)
+            torch.testing.assert_close(view["boxes"], ref[keep])
+            assert torch.equal(view["labels"], target["labels"][keep])
+            kept, dropped = kept + int(keep.sum()), dropped + int((~keep).sum())
+    assert kept and dropped  # the windows both kept and cut away boxes
+
+
+def test_finetune_trains_the_detectors_context_projection(
+    tmp_path: Path, tiny_det: Path, encoder: Path
+) -> None:
+    """``context_crop``: a detector sees a window while its context comes from the whole
+    image, so its zero-initialised context projection gets a gradient (it would stay unused)."""
+    from gattn.data import collate_detection
+    from pipelines.stages.finetune import FinetuneHooks, load_best, loop_config
+    from tests.pipelines.test_finetune import best_json
+
+    entry = load_best(best_json(tmp_path / "best.json", DET))[2]
+    for share, trained in ((1.0, True), (0.0, False)):
+        p = FinetuneParams(init="scratch", context_crop=share, storage=str(tmp_path / "ray"))
+        hooks = FinetuneHooks(loop_config(p, 0, entry, encoder, tiny_det))
+        model, train, _ = hooks.build()
+        assert hooks.use_context is trained
+        batch = collate_detection([train[i] for i in range(4)])
+        hooks.loss(model, batch, 0, 0)[0].backward()
+        grad = model.context_proj.weight.grad
+        assert (grad is not None and bool(grad.abs().sum() > 0)) is trained
