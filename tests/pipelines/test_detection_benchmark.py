@@ -31,9 +31,11 @@ def test_one_step_pieces_write_the_table_and_a_rerun_skips_them(
     argv = ["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
     argv += ["--no-readme", "--image-size", "64", "--train-images", "4", "--test-images", "2"]
     argv += ["--steps", "1", "--batch-size", "2", "--threads", "1", "--seeds", "0"]
-    argv += ["--variants", "p3", "p2"]
+    argv += ["--variants", "p3", "p2", "--cue-px", "6", "--cue-clearance", "0.2"]
     assert bench.main(argv) == 0
     assert "epoch 1/1 step 1/1" in capsys.readouterr().out
+    generated = json.loads((tmp_path / "work" / "train" / "manifest.json").read_text())
+    assert (generated["config"]["cue_px"], generated["config"]["cue_clearance"]) == (6, 0.2)
     pieces = sorted(p.name for p in (tmp_path / "work" / "pieces").iterdir())
     assert [p.split("-")[:2] for p in pieces] == [["p2", "s0"], ["p3", "s0"]]
 
