@@ -9,9 +9,11 @@ least 0.4 of the side (102 px) from every ring, so that the cue lies outside mos
 neighbourhood while the backbone's theoretical receptive field (about 260 px at P5 + the FPN)
 still spans the image; on 128 px images with an 8 px cue (the first sitting's setting,
 ``--image-size 128 --cue-px 8 --cue-clearance 0.25 --steps 300 --batch-size 16``) every
-variant needed over 500 steps to read the cue and P5 covered the whole image. Every variant is a :func:`build_model`
-detector (FPN + FCOS head, :mod:`gattn.models.recipes`) trained with one budget: the same
-steps, batch, AdamW, warm-up + cosine schedule, random flips (``det_train_transform``):
+variant needed over 500 steps to read the cue and P5 covered the whole image.
+
+Every variant is a :func:`build_model` detector (FPN + FCOS head, :mod:`gattn.models.recipes`)
+trained with one budget: the same steps, batch, AdamW, warm-up + cosine schedule, random
+flips (``det_train_transform``):
 
 - ``p3``: ``gattn_det_p3``, FPN P3-P5, no global block (the local baseline);
 - ``p2``: ``gattn_det_p2``, + the stride-4 P2 level;
@@ -23,7 +25,9 @@ steps, batch, AdamW, warm-up + cosine schedule, random flips (``det_train_transf
 
 Reported on the test images at their own resolution (predictions of the 2x control scaled
 back, so COCO's size ranges mean the same): mAP, AP50, AP_small, AP_medium, AP_large
-(:func:`gattn.metrics.score_detections`); training images/s (the whole training loop, data
+(:func:`gattn.metrics.score_detections`), and the class-agnostic mAP (every box one class,
+NMS across classes: how well the rings are found whatever their class; mAP near it means the
+cue is read, near a third of it not); training images/s (the whole training loop, data
 loading included) and peak memory of one training step (tracked tensor allocations,
 :func:`gattn.budget.measure_peak_memory`), also as ratios to ``p3``. Cells: mean (spread = max
 - min, n = seeds). The issue's targets are printed and written as True/False lines.
@@ -49,8 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.ops import nms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -82,7 +88,7 @@ VARIANTS: dict[str, tuple[str, int]] = {
 }
 BASELINE = "p3"
 FAR_BELOW = 0.5  # "the local baseline far below": its mAP at most this share of the recipe's
-METRICS = ("map", "map_50", "map_small", "map_medium", "map_large")
+METRICS = ("map", "map_50", "map_small", "map_medium", "map_large", "map_agnostic")
 COLUMNS = [
     "variant",
     "recipe",
@@ -92,6 +98,7 @@ COLUMNS = [
     "map_small",
     "map_medium",
     "map_large",
+    "map_agnostic",
     "train_img_s",
     "img_s_vs_p3",
     "peak_mib",
@@ -174,7 +181,16 @@ def evaluate(
         for p in model.predict(images, score_thresh=0.05, nms_iou=0.6, max_det=100):
             preds.append({**p, "boxes": p["boxes"] * scale})
     truth = [targets[i][1] for i in range(len(targets))]
-    return score_detections(preds, truth, num_classes)
+    scores = score_detections(preds, truth, num_classes)
+    # Class-agnostic: every box one class (NMS over all of an image's boxes), so that "where"
+    # is scored apart from "which": mAP near it means the cue is read, near a third not.
+    anyclass = []
+    for p in preds:
+        keep = nms(p["boxes"], p["scores"], 0.6)
+        anyclass.append({"boxes": p["boxes"][keep], "scores": p["scores"][keep],
+                         "labels": torch.zeros_like(p["labels"][keep])})  # fmt: skip
+    one = [{**t, "labels": torch.zeros_like(t["labels"])} for t in truth]
+    return {**scores, "map_agnostic": score_detections(anyclass, one, 1)["map"]}
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,6 +234,9 @@ def run_piece(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any] 
         **{k: scores[k] for k in METRICS},
         "settings": what,
     }
+    weights = done.with_suffix(".safetensors")  # to score the piece again without training
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     _atomic_write(done, json.dumps(result, indent=1) + "\n")
     print(f"[detection] {name} seed {seed}: mAP {result['map']:.3f} AP_small "
           f"{result['map_small']:.3f} in {train_s:.0f}s", flush=True)  # fmt: skip
@@ -354,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = [r for rs in pieces.values() for r in rs]
     _atomic_write(args.results / f"{args.out}_runs.json", json.dumps(raw, indent=1) + "\n")
     if not args.no_readme:
-        shown = ["variant", "input_px", "map", "map_50", "map_small", "train_img_s",
+        shown = ["variant", "input_px", "map", "map_50", "map_small", "map_agnostic", "train_img_s",
                  "img_s_vs_p3", "peak_mib", "peak_vs_p3"]  # fmt: skip
         lines = "".join(f"- {k}: {v}\n" for k, v in targets.items())
         fill_readme("detection", markdown_table(rows, shown) + "\n" + lines)

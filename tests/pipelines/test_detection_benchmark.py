@@ -36,7 +36,7 @@ def test_one_step_pieces_write_the_table_and_a_rerun_skips_them(
     assert "epoch 1/1 step 1/1" in capsys.readouterr().out
     generated = json.loads((tmp_path / "work" / "train" / "manifest.json").read_text())
     assert (generated["config"]["cue_px"], generated["config"]["cue_clearance"]) == (6, 0.2)
-    pieces = sorted(p.name for p in (tmp_path / "work" / "pieces").iterdir())
+    pieces = sorted(p.name for p in (tmp_path / "work" / "pieces").glob("*.json"))
     assert [p.split("-")[:2] for p in pieces] == [["p2", "s0"], ["p3", "s0"]]
 
     table = json.loads((tmp_path / "results" / "detection.json").read_text())
@@ -50,6 +50,10 @@ def test_one_step_pieces_write_the_table_and_a_rerun_skips_them(
     assert {r["variant"] for r in runs} == {"p3", "p2"}
     assert all(r["peak_mib"] > 0 and r["train_img_s"] > 0 for r in runs)
     assert all(0 <= r["map"] <= 1 and math.isnan(r["map_large"]) for r in runs)
+    assert all(0 <= r["map_agnostic"] <= 1 for r in runs)
+    assert sorted(p.name for p in (tmp_path / "work" / "pieces").glob("*.safetensors")) == [
+        p.replace(".json", ".safetensors") for p in pieces
+    ]
     assert "## Targets (issue 18)" in (tmp_path / "results" / "detection.md").read_text()
 
     assert bench.main(argv) == 0  # every piece cached: nothing trains again
