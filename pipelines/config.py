@@ -433,7 +433,7 @@ class FinetuneParams(Section):
     ``layer_decay < 1`` scales each layer's learning rate by ``layer_decay ** (depth -
     layer)`` (embeddings least, the head fully). ``crop_scale`` is the area range of random
     crops (``[1, 1]``: whole images, as a cue anywhere must stay visible).
-    Global-context feedback is learnt for segmenters whose head takes a context: a
+    Global-context feedback is learnt for detectors and segmenters whose head takes a context: a
     ``context_crop`` share of the batches become one window (a crop of ``context_crop_scale``
     of the area, resized back) while the context vector comes from the whole image, as in
     sliding-window inference with ``global_context="auto"``. ``search_tolerance``: the
