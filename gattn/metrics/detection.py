@@ -15,6 +15,7 @@ here, where COCO writes -1.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,6 +27,10 @@ __all__ = ["DETECTION_METRICS", "detection_metric", "score_detections", "summari
 
 DETECTION_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 Detections = Sequence[dict[str, torch.Tensor]]
+
+# faster-coco-eval logs COCO's 12-line summary at INFO on every compute(); where INFO is shown
+# (Ray Train workers) that is noise in a run's output, and callers report the figures anyway.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 
 def detection_metric(

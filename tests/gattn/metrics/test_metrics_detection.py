@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 
 import numpy as np
@@ -137,3 +138,11 @@ def test_perfect_and_empty() -> None:
     small_only = [{"boxes": torch.tensor([[0.0, 0, 8, 8]]), "labels": torch.tensor([0])}]
     out = score_detections([{**small_only[0], "scores": torch.ones(1)}], small_only)
     assert out["map_small"] == 1.0 and math.isnan(out["map_large"])
+
+
+def test_scoring_logs_no_coco_summary(caplog: pytest.LogCaptureFixture) -> None:
+    """faster-coco-eval's 12-line summary (INFO) stays out of a run's output even where INFO
+    is shown, as in Ray Train workers."""
+    caplog.set_level(logging.INFO)
+    score_detections(_predictions(), _targets())
+    assert not [r for r in caplog.records if r.name.startswith("faster_coco_eval")]
